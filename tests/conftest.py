@@ -1,0 +1,45 @@
+"""Helpers: load a numbered script as a module (their names start with a digit), run one as a user would."""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Small, fast settings for real runs: 32 px shapes, a few hundred steps.
+QUICK = ["--image-size", "32", "--log-every", "20"]
+
+
+def load_script(stem):
+    spec = importlib.util.spec_from_file_location(stem, ROOT / f"{stem}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_cli(script, *args, timeout=600):
+    """Run `python <script>.py args` from the repository root; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, f"{script}.py", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_rows(path):
+    import csv
+    with open(path) as f:
+        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def assert_clean_error(stderr, *fragments):
+    """Exactly one non-empty stderr line, starting 'error:', no traceback, mentioning each fragment."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="session")
+def vae01():
+    return load_script("01_vanilla_vae")

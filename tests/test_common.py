@@ -1,0 +1,278 @@
+"""common.py against independent computations: the KL, the reparameterization, the shapes data,
+the sharpness measure, evaluation, batching, logs, checkpoints and the data loaders' errors."""
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence as torch_kl
+
+import common
+from conftest import assert_clean_error
+
+
+# ----------------------------------------------------------------------------- KL and reparameterization
+def test_kl_matches_torch_distributions():
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(64, 8) * 2, torch.randn(64, 8) * 3
+    expected = torch_kl(Normal(mu, (0.5 * logvar).exp()), Normal(0.0, 1.0))
+    torch.testing.assert_close(common.kl_divergence(mu, logvar), expected)
+
+
+def test_kl_matches_monte_carlo():
+    torch.manual_seed(0)
+    mu, logvar = torch.tensor([0.0, 1.5, -2.0, 0.3]), torch.tensor([0.0, -2.0, 1.0, -4.0])
+    q = Normal(mu, (0.5 * logvar).exp())
+    z = q.sample((400_000,))
+    estimate = (q.log_prob(z) - Normal(0.0, 1.0).log_prob(z)).mean(0)  # E_q[log q - log p]
+    torch.testing.assert_close(common.kl_divergence(mu, logvar), estimate, atol=0.02, rtol=0.01)
+
+
+def test_reparameterize_passes_gradients_to_mu_and_logvar():
+    mu = torch.tensor([0.5, -1.0], requires_grad=True)
+    logvar = torch.tensor([0.2, -0.6], requires_grad=True)
+    eps = torch.tensor([1.3, -0.4])
+    z = common.reparameterize(mu, logvar, eps)
+    z.sum().backward()
+    torch.testing.assert_close(z.detach(), mu.detach() + (0.5 * logvar.detach()).exp() * eps)
+    torch.testing.assert_close(mu.grad, torch.ones(2))  # dz/dmu = 1
+    torch.testing.assert_close(logvar.grad, 0.5 * (0.5 * logvar.detach()).exp() * eps)  # dz/dlogvar
+
+
+def test_encoder_clamps_logvar():
+    enc = common.Encoder(1, 32, 4, 8)
+    with torch.no_grad():
+        enc.to_logvar.bias[:] = 50.0
+    _, logvar = enc(torch.zeros(2, 1, 32, 32))
+    assert logvar.max().item() == 10.0
+
+
+@pytest.mark.parametrize("size,channels", [(32, 1), (32, 3), (64, 1), (64, 3)])
+def test_vae_shapes_and_output_bias(size, channels):
+    model = common.VAE(channels, size, 6, 8, recon="mse", channel_mean=torch.full((channels,), 0.1))
+    raw, mu, logvar = model(torch.zeros(5, channels, size, size))
+    assert raw.shape == (5, channels, size, size) and mu.shape == logvar.shape == (5, 6)
+    torch.testing.assert_close(torch.tanh(model.decoder.conv_out.bias), torch.full((channels,), 2 * 0.1 - 1))
+
+
+# ----------------------------------------------------------------------------- shapes
+def reference_shapes(factors, size):
+    """Straightforward full-grid rendering (no window), to check the windowed renderer."""
+    out = []
+    for f in factors.tolist():
+        shape, scale, orient, px, py = f
+        r = 0.15 * (0.5 + 0.5 * scale / 5)
+        a = 2 * math.pi * orient / 40
+        cx, cy = 0.2 + 0.6 * px / 31, 0.2 + 0.6 * py / 31
+        g = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+        dx, dy = g.view(1, -1) - cx, g.view(-1, 1) - cy
+        u = (math.cos(a) * dx + math.sin(a) * dy) / r
+        v = (-math.sin(a) * dx + math.cos(a) * dy) / r
+        if shape == 0:
+            inside = torch.maximum(u.abs(), v.abs()) <= 0.8
+        elif shape == 1:
+            inside = u ** 2 + (v / 0.5) ** 2 <= 1
+        else:
+            hx, hy = 1.1 * u, -1.1 * v + 0.1
+            inside = (hx ** 2 + hy ** 2 - 1) ** 3 - hx ** 2 * hy ** 3 <= 0
+        out.append(inside.to(torch.uint8) * 255)
+    return torch.stack(out).unsqueeze(1)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_windowed_shapes_equal_full_grid_rendering(size):
+    g = torch.Generator().manual_seed(3)
+    factors = torch.stack([torch.randint(0, n, (200,), generator=g) for n in common.SHAPE_FACTORS.values()], 1)
+    factors[:20, 1], factors[:20, 3:] = 5, 0  # largest shapes in a corner: the window's worst case
+    drawn = common.draw_shapes(factors, size)
+    assert (drawn != reference_shapes(factors, size)).sum() <= 2  # float rounding on a boundary pixel at most
+
+
+def test_shapes_deterministic_and_disjoint():
+    a_train, a_test, a_factors = common.make_shapes(3000, 500, 32, seed=7)
+    b_train, b_test, b_factors = common.make_shapes(3000, 500, 32, seed=7)
+    assert torch.equal(a_train, b_train) and torch.equal(a_test, b_test) and torch.equal(a_factors, b_factors)
+    c_train, _, _ = common.make_shapes(3000, 500, 32, seed=8)
+    assert not torch.equal(a_train, c_train)
+    assert a_train.dtype == torch.uint8 and a_train.shape == (3000, 1, 32, 32)
+    counts = torch.tensor(list(common.SHAPE_FACTORS.values()))
+    assert (a_factors >= 0).all() and (a_factors < counts).all()
+
+
+def centroid_x(images):
+    w = images.float().squeeze(1)
+    return (w.sum(1) * torch.arange(w.shape[-1])).sum(-1) / w.sum((1, 2))
+
+
+def test_shape_factors_drive_the_pixels():
+    base = torch.tensor([[1, 5, 0, 0, 16]]).repeat(32, 1)
+    base[:, 3] = torch.arange(32)  # sweep pos_x
+    cx = centroid_x(common.draw_shapes(base, 64))
+    expected = (0.2 + 0.6 * torch.arange(32) / 31) * 64 - 0.5  # pixel index of the centre
+    assert (cx - expected).abs().max() < 1.0
+
+    scales = torch.tensor([[0, s, 0, 16, 16] for s in range(6)])
+    area = common.draw_shapes(scales, 64).float().sum((1, 2, 3)) / 255
+    assert (area.diff() > 0).all()  # bigger scale, bigger area, roughly as scale^2
+    expected_ratio = (1.0 / 0.5) ** 2
+    assert abs(area[-1] / area[0] - expected_ratio) < 0.6
+
+    shapes = common.draw_shapes(torch.tensor([[s, 5, 0, 16, 16] for s in range(3)]), 64)
+    assert len({tuple(x.flatten().tolist()) for x in shapes}) == 3  # square, ellipse, heart differ
+    # rotating the ellipse by 90 degrees (orientation index 10 of 40) swaps its width and height
+    flat, tall = common.draw_shapes(torch.tensor([[1, 5, 0, 16, 16], [1, 5, 10, 16, 16]]), 64).squeeze(1).bool()
+    assert flat.any(0).sum() > 1.5 * flat.any(1).sum() and tall.any(1).sum() > 1.5 * tall.any(0).sum()
+
+
+# ----------------------------------------------------------------------------- sharpness and evaluation
+def test_high_freq_power_against_known_images():
+    assert common.high_freq_power(torch.full((1, 1, 8, 8), 0.7)).item() == pytest.approx(0.0, abs=1e-6)
+    ij = torch.arange(8)
+    checker = ((ij.view(-1, 1) + ij.view(1, -1)) % 2).float().view(1, 1, 8, 8) * 2 - 1  # all power at (0.5, 0.5)
+    assert common.high_freq_power(checker).item() == pytest.approx(64.0 ** 2, rel=1e-5)  # Parseval: |F|^2 = N^2
+    slow = torch.cos(2 * math.pi * ij / 8).float().view(1, 1, 1, 8).expand(1, 1, 8, 8)  # 1/8 cycle per pixel
+    assert common.high_freq_power(slow).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_evaluate_against_direct_computation():
+    torch.manual_seed(0)
+
+    class Args:
+        seed, no_amp = 0, True
+    model = common.VAE(1, 32, 4, 8)
+    test = (torch.rand(300, 1, 32, 32) * 255).to(torch.uint8)
+    model(test[:64].float() / 127.5 - 1)  # one training-mode pass, so the running statistics are not the defaults
+    sse = lambda raw, x: (torch.tanh(raw) - x).pow(2).flatten(1).sum(1)  # noqa: E731
+    metrics, mu = common.evaluate(model, test, sse, torch.device("cpu"), Args)
+    model.eval()  # evaluation uses BatchNorm's running statistics, not the test batch's
+    with torch.no_grad():
+        x = test.float() / 127.5 - 1
+        mu_ref, logvar_ref = model.encoder(x)
+        recon = (torch.tanh(model.decoder(mu_ref)) + 1) / 2
+    mse = (recon - test.float() / 255).pow(2).mean().item()
+    kl = common.kl_divergence(mu_ref, logvar_ref)
+    assert metrics["test_mse"] == pytest.approx(mse, rel=1e-4)
+    assert metrics["test_psnr_db"] == pytest.approx(10 * math.log10(1 / mse), rel=1e-4)
+    assert metrics["test_kl"] == pytest.approx(kl.sum(1).mean().item(), rel=1e-4)
+    assert metrics["kl_per_dim"] == pytest.approx(kl.mean(0).tolist(), rel=1e-4)
+    assert metrics["active_units"] == int((mu_ref.var(0) > 0.01).sum())
+    ratio = common.high_freq_power(recon) / common.high_freq_power(test.float() / 255)
+    assert metrics["sharpness"] == pytest.approx(ratio.item(), rel=1e-3)
+    torch.testing.assert_close(mu, mu_ref)
+
+
+# ----------------------------------------------------------------------------- batches, logs, checkpoints
+def test_batches_are_a_fixed_permutation_per_epoch():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1)
+    batches = common.Batches(images, 3, seed=5, device=torch.device("cpu"))
+    assert batches.steps_per_epoch == 3  # the ragged last batch is dropped
+    epoch0 = torch.cat([batches(s) for s in range(3)]).flatten()
+    assert len(set(epoch0.tolist())) == 9  # no image twice within an epoch
+    epoch1 = torch.cat([batches(s) for s in range(3, 6)]).flatten()
+    assert not torch.equal(epoch0, epoch1)  # a new order each epoch
+    fresh = common.Batches(images, 3, seed=5, device=torch.device("cpu"))
+    assert torch.equal(fresh(4), batches(4))  # a resumed run sees the same batch at the same step
+
+
+def test_running_means_and_state_round_trip():
+    running = common.RunningMeans()
+    for v in [1.0, 2.0, 6.0]:
+        running.add(loss=torch.tensor(v), kl=torch.tensor([2 * v, -v]))
+    restored = common.RunningMeans()
+    restored.load_state_dict(running.state_dict(), torch.device("cpu"))
+    expected = {"loss": 3.0, "kl_0": 6.0, "kl_1": -3.0}
+    assert running.pop() == pytest.approx(expected)
+    assert restored.pop() == pytest.approx(expected)
+    running.add(loss=torch.tensor(5.0))
+    assert running.pop() == {"loss": 5.0}  # reset after each row
+
+
+def test_metrics_log_resume_drops_rows_after_the_checkpoint(tmp_path):
+    log = common.MetricsLog(tmp_path / "m.csv")
+    for step in (10, 20, 30):
+        log.write({"step": step, "loss": step / 10})
+    resumed = common.MetricsLog(tmp_path / "m.csv", resume_step=20)
+    resumed.write({"step": 30, "loss": 9.0})
+    lines = (tmp_path / "m.csv").read_text().split()
+    assert lines == ["step,loss", "10,1", "20,2", "30,9"]
+
+
+def test_checkpoint_is_atomic_and_bad_files_exit_2(tmp_path, capsys):
+    path = tmp_path / "checkpoint.pt"
+    common.save_checkpoint(path, step=3, model={"w": torch.ones(2)})
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary left behind
+    assert common.load_checkpoint(path)["step"] == 3
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    for bad in (tmp_path / "broken.pt", tmp_path / "missing.pt"):
+        with pytest.raises(SystemExit) as e:
+            common.load_checkpoint(bad)
+        assert e.value.code == 2
+        assert_clean_error(capsys.readouterr().err, "cannot read checkpoint", bad.name)
+
+
+# ----------------------------------------------------------------------------- data loaders
+def write_png(path, color, size=(40, 30)):
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+
+
+def test_folder_skips_unreadable_files_and_holds_out_ten_percent(tmp_path, capsys):
+    for i in range(19):
+        write_png(tmp_path / f"class{i % 2}" / f"img{i:02d}.png", (10 * i, 0, 0))
+    (tmp_path / "class0" / "broken.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
+    (tmp_path / "notes.txt").write_text("not an image")
+    train, test = common.load_folder(tmp_path, 32)
+    assert train.shape == (17, 3, 32, 32) and test.shape == (2, 3, 32, 32)
+    assert "19 images read, 1 unreadable files skipped" in capsys.readouterr().out
+    assert sorted(train[:, 0, 0, 0].tolist() + test[:, 0, 0, 0].tolist()) == [10 * i for i in range(19)]
+
+
+@pytest.mark.parametrize("make", ["missing", "empty"])
+def test_folder_errors_exit_2(tmp_path, capsys, make):
+    root = tmp_path / "images"
+    if make == "empty":
+        root.mkdir()
+        (root / "readme.txt").write_text("no images here")
+    with pytest.raises(SystemExit) as e:
+        common.load_folder(root, 32)
+    assert e.value.code == 2
+    assert_clean_error(capsys.readouterr().err, str(root))
+
+
+def test_celeba_layout_and_cache(tmp_path, capsys):
+    folder = tmp_path / "celeba" / "img_align_celeba"
+    from PIL import Image
+    folder.mkdir(parents=True)
+    lines = []
+    for i in range(5):
+        Image.new("RGB", (178, 218), (40 * i, 100, 200)).save(folder / f"{i:06d}.jpg")
+        lines.append(f"{i:06d}.jpg {[0, 0, 0, 1, 2][i]}")
+    (tmp_path / "celeba" / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
+    train, test = common.load_celeba(tmp_path, 64)
+    assert train.shape == (3, 3, 64, 64) and test.shape == (1, 3, 64, 64)  # split 1 (validation) unused
+    assert (tmp_path / "celeba" / "cache_64.pt").exists()
+    assert torch.equal(common.load_celeba(tmp_path, 64)[0], train)
+    with pytest.raises(SystemExit) as e:
+        common.load_celeba(tmp_path / "nowhere", 64)
+    assert e.value.code == 2
+    assert_clean_error(capsys.readouterr().err, "list_eval_partition.txt", "img_align_celeba")
+
+
+def test_failed_download_exits_2_saying_where_to_put_files(tmp_path, capsys, monkeypatch):
+    import urllib.error
+    import torchvision.datasets.mnist as tv_mnist
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(tv_mnist, "download_and_extract_archive", offline)
+    with pytest.raises(SystemExit) as e:
+        common.load_torchvision("fashion-mnist", str(tmp_path), train=True)
+    assert e.value.code == 2
+    assert_clean_error(capsys.readouterr().err, "fashion-mnist", "FashionMNIST/raw/", str(tmp_path))
+
+
+def test_resize_crops_the_centre_then_resizes():
+    img = torch.zeros(1, 1, 40, 60, dtype=torch.uint8)
+    img[..., :, 10:50] = 200  # the centred 40x40 square
+    out = common.resize_uint8(img, 32)
+    assert out.shape == (1, 1, 32, 32) and (out == 200).all()
