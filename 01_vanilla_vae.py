@@ -22,7 +22,8 @@ Run:   python 01_vanilla_vae.py                      # shapes, 64 px, CPU or GPU
        python 01_vanilla_vae.py --dataset fashion-mnist --recon bce
 See:   recon.png (originals above reconstructions), samples.png, interpolation.png, curves.png,
        summary.json in runs/01_vanilla_vae/<dataset>-<time>/.
-Time:  MEASURED_LATER
+Time:  234 s wall on a 2-core CPU (default run: 3,124 steps, 900 training images/s);
+       test PSNR 24.3 dB, KL 19.5 nats, 10/10 active units, sharpness 0.09 (see README).
 Papers: Kingma & Welling 2014 (VAE); Bowman et al. 2016 (KL annealing); Fu et al. 2019 (cyclical
        annealing); Kingma et al. 2016 (free bits); Burda et al. 2016 (active units).
 """
