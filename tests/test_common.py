@@ -201,6 +201,18 @@ def test_checkpoint_is_atomic_and_bad_files_exit_2(tmp_path, capsys):
     common.save_checkpoint(path, step=3, model={"w": torch.ones(2)})
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary left behind
     assert common.load_checkpoint(path)["step"] == 3
+
+    def crash_midway(obj, f):  # a save that dies after writing part of the file
+        open(f, "wb").write(b"half a checkpoint")
+        raise OSError("disk full")
+    real_save = torch.save
+    torch.save = crash_midway
+    try:
+        with pytest.raises(OSError):
+            common.save_checkpoint(path, step=4, model={"w": torch.zeros(2)})
+    finally:
+        torch.save = real_save
+    assert common.load_checkpoint(path)["step"] == 3  # the previous checkpoint is untouched
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     for bad in (tmp_path / "broken.pt", tmp_path / "missing.pt"):
         with pytest.raises(SystemExit) as e:
