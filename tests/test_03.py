@@ -1,0 +1,144 @@
+"""03_lpips_frozen.py: LPIPS frozen whole (no gradient, not in the optimizer, weights unchanged,
+never negative), the unfrozen incident detected, the loss against a hand computation, and the
+backbone-loading path with a file in a temporary TORCH_HOME or none at all."""
+import json
+import urllib.error
+
+import lpips
+import pytest
+import torch
+import torchvision
+
+import common
+from conftest import QUICK, assert_clean_error, load_script, read_rows, run_cli
+
+
+@pytest.fixture(scope="module")
+def lp03():
+    return load_script("03_lpips_frozen")
+
+
+@pytest.fixture(scope="module")
+def perceptual(lp03):
+    return lp03.build_lpips("alex", random_backbone=True, device=torch.device("cpu"))
+
+
+def test_no_gradient_reaches_lpips(lp03, perceptual):
+    assert sum(p.numel() for p in perceptual.lins.parameters()) == 1152  # the heads lpips leaves trainable
+    reconstruction = torch.rand(4, 1, 32, 32, requires_grad=True)
+    x = torch.rand(4, 1, 32, 32) * 2 - 1
+    perceptual.train()  # even if something switches it to train mode, nothing in it may learn
+    lp03.lpips_distance(perceptual, torch.tanh(reconstruction), x).sum().backward()
+    assert reconstruction.grad is not None and reconstruction.grad.abs().sum() > 0  # the decoder does learn
+    assert all(p.grad is None and not p.requires_grad for p in perceptual.parameters())
+    perceptual.eval()
+
+
+def test_lpips_distance_handles_grey_and_small_images(lp03, perceptual):
+    x = torch.rand(3, 1, 16, 16) * 2 - 1  # 16 px would fail AlexNet's pooling without enlarging
+    assert torch.allclose(lp03.lpips_distance(perceptual, x, x), torch.zeros(3), atol=1e-6)
+    y = (x + 0.5 * torch.randn_like(x)).clamp(-1, 1)
+    d = lp03.lpips_distance(perceptual, y, x)
+    assert d.shape == (3,) and (d > 0).all()
+
+
+@pytest.fixture(scope="module")
+def frozen_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run03")
+    result = run_cli("03_lpips_frozen", *QUICK, "--lpips-random-backbone", "--max-steps", "150",
+                     "--capacity-steps", "100", "--capacity-max", "10", "--log-every", "1", "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "RANDOM backbone" in result.stdout  # said plainly
+    return out
+
+
+def test_frozen_run_leaves_lpips_untouched(frozen_run, perceptual):
+    summary = json.loads((frozen_run / "summary.json").read_text())
+    assert summary["lpips_trainable_params"] == 0 and summary["lpips_backbone"] == "random"
+    assert summary["lpips_incident_step"] is None and summary["lpips_negative_value_step"] is None
+    checkpoint = common.load_checkpoint(frozen_run / "checkpoint.pt")
+    # The optimizer holds exactly the VAE's parameters, none of LPIPS's.
+    vae = common.VAE(1, 32, 10, 32, "mse", channel_mean=torch.zeros(1), centre_mu=True)
+    assert len(checkpoint["optimizer"]["param_groups"][0]["params"]) == len(list(vae.parameters()))
+    # The lin heads after 150 steps are the ones the lpips package ships.
+    for name, value in perceptual.lins.state_dict().items():
+        assert torch.equal(checkpoint["lpips_lins"][name], value), name
+    rows = read_rows(frozen_run / "metrics.csv")
+    assert min(r["lpips"] for r in rows) >= 0 and min(r["lpips_lin_min"] for r in rows) >= 0
+    assert rows[-1]["lpips"] < rows[0]["lpips"]  # and the decoder does learn to lower it
+
+
+def test_logged_loss_adds_scaled_lpips(frozen_run):
+    # One step per row: loss = recon + lpips_weight * (C*H*W) * LPIPS + gamma * |KL - C|.
+    rows = read_rows(frozen_run / "metrics.csv")
+    for r in rows:
+        expected = r["recon"] + 0.1 * 32 * 32 * r["lpips"] + 100 * abs(r["kl"] - r["capacity"])
+        assert r["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-3)
+
+
+def test_unfrozen_lpips_incident_is_detected(tmp_path):
+    result = run_cli("03_lpips_frozen", *QUICK, "--lpips-random-backbone", "--unfreeze-lpips", "--max-steps", "200",
+                     "--capacity-steps", "100", "--capacity-max", "10", "--out", tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["lpips_trainable_params"] == 1152
+    # The released heads have weights of exactly 0, so Adam's first step takes some below zero.
+    assert summary["lpips_negative_weight_step"] == 1 and summary["lpips_incident_step"] == 1
+    # Measured (seed 0, 32 px): an image's LPIPS first went below zero at step <MEASURED>.
+    assert summary["lpips_negative_value_step"] is not None and summary["lpips_negative_value_step"] <= 200
+    assert "LPIPS INCIDENT at step 1" in result.stdout
+    rows = read_rows(tmp_path / "metrics.csv")
+    assert rows[-1]["lpips_lin_min"] < 0
+
+
+def _placed_weights(tmp_path):
+    """A torchvision AlexNet state dict where torch.hub looks for the ImageNet file."""
+    folder = tmp_path / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.manual_seed(5)
+    state = torchvision.models.alexnet(weights=None).state_dict()
+    torch.save(state, folder / "alexnet-owt-7be5be79.pth")
+    return state
+
+
+def test_backbone_loads_from_a_file_in_torch_home(lp03, tmp_path, monkeypatch):
+    state = _placed_weights(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
+    perceptual = lp03.build_lpips("alex", random_backbone=False, device=torch.device("cpu"))
+    first_conv = next(m for m in perceptual.net.modules() if isinstance(m, torch.nn.Conv2d))
+    assert torch.equal(first_conv.weight, state["features.0.weight"])  # the placed file, not random weights
+    assert not any(p.requires_grad for p in perceptual.parameters())
+
+
+def test_missing_backbone_exits_2_naming_file_and_folder(lp03, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(SystemExit) as stop:
+        lp03.build_lpips("alex", random_backbone=False, device=torch.device("cpu"))
+    assert stop.value.code == 2
+    assert_clean_error(capsys.readouterr().err, "alexnet-owt-7be5be79.pth", str(tmp_path / "hub" / "checkpoints"),
+                       "--lpips-random-backbone")
+
+
+def test_unreadable_backbone_file_exits_2(lp03, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "alexnet-owt-7be5be79.pth").write_bytes(b"not a checkpoint")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(SystemExit) as stop:
+        lp03.build_lpips("alex", random_backbone=False, device=torch.device("cpu"))
+    assert stop.value.code == 2
+    assert_clean_error(capsys.readouterr().err, "alexnet-owt-7be5be79.pth")
+
+
+def test_bad_lpips_flags_exit_2(tmp_path):
+    result = run_cli("03_lpips_frozen", "--lpips-weight", "-1", "--out", tmp_path)
+    assert result.returncode == 2
+    assert_clean_error(result.stderr, "--lpips-weight")
+    result = run_cli("03_lpips_frozen", "--lpips-net", "resnet", "--out", tmp_path)
+    assert result.returncode == 2
+    assert_clean_error(result.stderr, "--lpips-net")

@@ -1,0 +1,163 @@
+"""04_vae_gan_warmup.py: the adaptive weight against two separate backward passes, the warm-up gate,
+hinge values, R1 against autograd, spectral norm by default, the collapse monitor on synthetic series,
+and a short run that leaves every contract file."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import common
+from conftest import QUICK, assert_clean_error, load_script, read_rows, run_cli
+
+
+@pytest.fixture(scope="module")
+def gan04():
+    return load_script("04_vae_gan_warmup")
+
+
+def test_adaptive_weight_matches_two_separate_backward_passes(gan04):
+    torch.manual_seed(0)
+    model = common.VAE(1, 32, 4, 8, "mse")
+    disc = gan04.PatchDiscriminator(1, 8)
+    x = torch.rand(6, 1, 32, 32) * 2 - 1
+    raw, _, _ = model(x)
+    rec = (torch.tanh(raw) - x).pow(2).flatten(1).sum(1).mean()
+    adv = -disc(torch.tanh(raw)).mean()
+    weight, rec_norm, adv_norm = gan04.adaptive_weight(rec, adv, model.decoder.conv_out.weight, disc_weight=0.5)
+    # Independent: two ordinary backward passes, reading .grad of the last layer each time.
+    last = model.decoder.conv_out.weight
+    model.zero_grad()
+    rec.backward(retain_graph=True)
+    g_rec = last.grad.clone()
+    model.zero_grad()
+    adv.backward()
+    g_adv = last.grad.clone()
+    expected = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4) * 0.5
+    assert weight.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert rec_norm.item() == pytest.approx(g_rec.norm().item(), rel=1e-5)
+    assert not weight.requires_grad  # detached: lambda itself is not trained
+    # The point of lambda: the weighted adversarial gradient at W is disc_weight times the reconstruction's,
+    # less the little that the 1e-4 in the denominator takes when ||g_adv|| is small.
+    ratio = (weight * g_adv.norm() / g_rec.norm()).item()
+    assert ratio <= 0.5 and ratio == pytest.approx(0.5 * g_adv.norm().item() / (g_adv.norm().item() + 1e-4), rel=1e-4)
+
+
+def test_adaptive_weight_is_clamped(gan04):
+    w = torch.ones(3, requires_grad=True)
+    weight, _, _ = gan04.adaptive_weight((w * 1e6).sum(), (w * 0.0).sum(), w, disc_weight=1.0)
+    assert weight.item() == 1e4
+
+
+def test_hinge_loss_on_known_logits(gan04):
+    real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.0, 1.0])
+    # real: relu(1-2)=0, relu(0.5)=0.5, relu(2)=2 -> mean 5/6; fake: relu(-1)=0, relu(1)=1, relu(2)=2 -> mean 1
+    assert gan04.hinge_d_loss(real, fake).item() == pytest.approx(0.5 * (2.5 / 3 + 1.0))
+
+
+def test_r1_penalty_against_autograd_on_a_toy_discriminator(gan04):
+    torch.manual_seed(0)
+    toy = nn.Conv2d(1, 1, 3, padding=1, bias=False)  # D(x) = w * x: grad_x sum D = conv^T of ones
+    x = torch.randn(4, 1, 5, 5)
+    penalty = gan04.r1_penalty(toy, x, r1_gamma=10.0)
+    # By hand: for a linear D the input gradient is the same for every image: the correlation of a
+    # ones map with the flipped kernel, i.e. sum of the kernel entries that land inside the image.
+    ones = torch.ones(1, 1, 5, 5)
+    grad = torch.nn.functional.conv_transpose2d(ones, toy.weight, padding=1)
+    assert penalty.item() == pytest.approx(5.0 * grad.pow(2).sum().item(), rel=1e-5)
+    penalty.backward()
+    assert toy.weight.grad is not None  # create_graph: the penalty trains D
+
+
+def test_spectral_norm_on_by_default(gan04):
+    convs = [m for m in gan04.PatchDiscriminator(3, 8).modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 4 and all(nn.utils.parametrize.is_parametrized(c, "weight") for c in convs)
+    plain = [m for m in gan04.PatchDiscriminator(3, 8, spectral_norm=False).modules() if isinstance(m, nn.Conv2d)]
+    assert not any(nn.utils.parametrize.is_parametrized(c, "weight") for c in plain)
+    assert gan04.PatchDiscriminator(3, 8)(torch.zeros(2, 3, 64, 64)).shape == (2, 1, 7, 7)  # a logit per patch
+
+
+def _rows(recon, kl=None, norm=None, saturated=None, every=50):
+    n = len(recon)
+    kl, norm, saturated = kl or [20.0] * n, norm or [30.0] * n, saturated or [0.0] * n
+    return [{"step": every * (i + 1), "recon": recon[i], "kl": kl[i], "dec_grad_norm": norm[i],
+             "saturated": saturated[i]} for i in range(n)]
+
+
+def test_collapse_monitor_fires_on_spike_rebound_drain_and_saturation(gan04):
+    flat = _rows([100.0] * 20)
+    for i in range(2, 21):
+        assert gan04.collapse_symptoms(flat[:i], disc_start_step=500) == {}  # quiet on a flat series
+    spike = _rows([100.0] * 20, norm=[30.0] * 19 + [600.0])
+    assert set(gan04.collapse_symptoms(spike, disc_start_step=None)) == {"gradient spike"}
+    rebound = _rows([100.0] * 10 + [120.0, 160.0])
+    assert gan04.collapse_symptoms(rebound[:11], disc_start_step=500) == {}  # +20%: not yet
+    assert set(gan04.collapse_symptoms(rebound, disc_start_step=500)) == {"recon rebound"}
+    drain = _rows([100.0] * 12, kl=[20.0] * 11 + [3.0])
+    assert set(gan04.collapse_symptoms(drain, disc_start_step=500)) == {"KL drain"}
+    assert set(gan04.collapse_symptoms(drain, disc_start_step=None)) == set()  # before D: not a GAN symptom
+    stuck = _rows([100.0] * 5, saturated=[0.0] * 4 + [0.2])
+    assert set(gan04.collapse_symptoms(stuck, disc_start_step=None)) == {"saturated outputs"}
+
+
+def test_auto_start_waits_for_the_ramp_and_a_plateau(gan04):
+    falling = _rows([200.0 - 5 * i for i in range(30)])  # 2.5%+ better per window of 4 rows: still learning
+    assert not any(gan04.auto_disc_start(falling[:i], capacity_steps=0) for i in range(1, 31))
+    plateau = _rows([100.0] * 30)
+    assert gan04.auto_disc_start(plateau[:8], capacity_steps=0)  # 400 steps = two windows of 200
+    assert not gan04.auto_disc_start(plateau[:7], capacity_steps=0)
+    assert not gan04.auto_disc_start(plateau, capacity_steps=1200)  # the window before 1500 - 200 saw C rise
+    assert gan04.auto_disc_start(plateau[:28], capacity_steps=1000)
+
+
+@pytest.fixture(scope="module")
+def run04(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run04")
+    result = run_cli("04_vae_gan_warmup", *QUICK, "--lpips-random-backbone", "--max-steps", "100",
+                     "--disc-start", "60", "--capacity-steps", "50", "--capacity-max", "5", "--log-every", "10",
+                     "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+def test_short_run_leaves_every_contract_file(run04):
+    for name in ["config.json", "metrics.csv", "summary.json", "recon.png", "samples.png", "interpolation.png",
+                 "curves.png", "checkpoint.pt", "traversals.png"]:
+        assert (run04 / name).stat().st_size > 0, name
+    summary = json.loads((run04 / "summary.json").read_text())
+    assert summary["disc_start_step"] == 60 and summary["lpips_trainable_params"] == 0
+    assert isinstance(summary["collapse_warnings"], list) and summary["max_dec_grad_norm"] > 0
+    rows = read_rows(run04 / "metrics.csv")
+    for column in ["d_loss", "g_loss", "adaptive_weight", "disc_factor", "dec_grad_norm", "logits_real", "logits_fake",
+                   "lpips", "capacity"]:
+        assert column in rows[0], column
+    before, after = [r for r in rows if r["step"] <= 60], [r for r in rows if r["step"] > 60]
+    assert all(r["disc_factor"] == 0 and r["d_loss"] == 0 and r["adaptive_weight"] == 0 for r in before)
+    assert all(r["disc_factor"] == 1 and r["d_loss"] > 0 and r["adaptive_weight"] > 0 for r in after)
+    # The adaptive weight holds the adversarial gradient at the last layer to disc_weight (0.5) of the
+    # reconstruction's, every step.
+    assert all(r["adv_grad_ratio"] == pytest.approx(0.5, abs=0.01) for r in after)
+
+
+def test_discriminator_untouched_before_the_start(gan04, tmp_path):
+    states = []
+    for steps in (10, 40):  # the same run stopped at two steps, both before D's start at 1000
+        out = tmp_path / str(steps)
+        gan04.main([*QUICK, "--lpips-random-backbone", "--max-steps", str(steps), "--disc-start", "1000",
+                    "--log-every", "10", "--out", str(out)])
+        states.append(common.load_checkpoint(out / "checkpoint.pt"))
+    assert not torch.equal(states[0]["model"]["decoder.conv_out.weight"], states[1]["model"]["decoder.conv_out.weight"])
+    for name, value in states[0]["disc"].items():  # D, spectral norm's power-iteration vectors included
+        assert torch.equal(states[1]["disc"][name], value), name
+    assert states[1]["disc_optimizer"]["state"] == {}  # D's optimizer never stepped
+    rows = read_rows(tmp_path / "40" / "metrics.csv")
+    assert all(r["disc_factor"] == 0 and r["g_loss"] == 0 for r in rows)
+
+
+def test_bad_disc_flags_exit_2(tmp_path):
+    result = run_cli("04_vae_gan_warmup", "--disc-start", "soon", "--out", tmp_path)
+    assert result.returncode == 2
+    assert_clean_error(result.stderr, "--disc-start")
+    result = run_cli("04_vae_gan_warmup", "--r1-gamma", "-1", "--out", tmp_path)
+    assert result.returncode == 2
+    assert_clean_error(result.stderr, "--r1-gamma")
