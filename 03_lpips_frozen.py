@@ -52,14 +52,14 @@ BACKBONE_WEIGHTS = {"alex": torchvision.models.AlexNet_Weights.IMAGENET1K_V1,  #
 
 
 def parse_args(argv=None):
-    parser = common.base_parser(SCRIPT, __doc__, epochs=3)
+    parser = common.base_parser(SCRIPT, __doc__, epochs=2)
     parser.add_argument("--gamma", type=float, default=100.0,
                         help="weight of |KL - C|; large, so the KL must follow C (default: 100)")
     parser.add_argument("--capacity-max", type=float, default=25.0, help="final capacity C_max, nats (default: 25)")
-    parser.add_argument("--capacity-steps", type=int, default=2000,
-                        help="optimizer steps over which C rises from 0 to C_max (default: 2000)")
-    parser.add_argument("--lpips-weight", type=float, default=0.1,
-                        help="weight of LPIPS per pixel value, see the docstring (default: 0.1)")  # NEW
+    parser.add_argument("--capacity-steps", type=int, default=1000,
+                        help="optimizer steps over which C rises from 0 to C_max (default: 1000)")
+    parser.add_argument("--lpips-weight", type=float, default=1.0,
+                        help="weight of LPIPS per pixel value, see the docstring (default: 1)")  # NEW
     parser.add_argument("--lpips-net", choices=["alex", "vgg", "squeeze"], default="alex",
                         help="LPIPS backbone; vgg is ~10x slower (default: alex)")  # NEW
     parser.add_argument("--lpips-random-backbone", action="store_true",

@@ -53,9 +53,9 @@ BACKBONE_WEIGHTS = {"alex": torchvision.models.AlexNet_Weights.IMAGENET1K_V1,  #
 # AUTO_THRESHOLD (relative), and C has reached C_max (while C rises, recon keeps improving by design).
 AUTO_WINDOW, AUTO_THRESHOLD = 200, 0.02
 # NEW: collapse monitor thresholds (note 004's signature), checked at every metrics row.
-SPIKE_FACTOR = 10.0  # decoder gradient norm above 10x the median of the rows so far
-REBOUND_FACTOR = 1.5  # recon 50% above its level when D started
-KL_DRAIN_FACTOR = 0.25  # KL below a quarter of its level when D started
+SPIKE_FACTOR = 10.0  # decoder gradient norm above 10x the median of the rows so far (healthy runs: < 5x)
+REBOUND_FACTOR = 1.5  # recon 50% above its best since D started
+KL_DRAIN_FACTOR = 0.25  # KL below a quarter of its highest since D started
 SATURATED_SHARE = 0.05  # 5% of output pixels stuck wrong: |pre-tanh| > 5 (tanh's gradient < 2e-4), error > 1
 
 
@@ -64,10 +64,10 @@ def parse_args(argv=None):
     parser.add_argument("--gamma", type=float, default=100.0,
                         help="weight of |KL - C|; large, so the KL must follow C (default: 100)")
     parser.add_argument("--capacity-max", type=float, default=25.0, help="final capacity C_max, nats (default: 25)")
-    parser.add_argument("--capacity-steps", type=int, default=1000,
-                        help="optimizer steps over which C rises from 0 to C_max (default: 1000)")
-    parser.add_argument("--lpips-weight", type=float, default=0.1,
-                        help="weight of LPIPS per pixel value, see 03 (default: 0.1)")
+    parser.add_argument("--capacity-steps", type=int, default=500,
+                        help="optimizer steps over which C rises from 0 to C_max (default: 500)")
+    parser.add_argument("--lpips-weight", type=float, default=1.0,
+                        help="weight of LPIPS per pixel value, see 03 (default: 1)")
     parser.add_argument("--lpips-net", choices=["alex", "vgg", "squeeze"], default="alex",
                         help="LPIPS backbone; vgg is ~10x slower (default: alex)")
     parser.add_argument("--lpips-random-backbone", action="store_true",
@@ -198,21 +198,24 @@ def auto_disc_start(rows, capacity_steps, window=AUTO_WINDOW, threshold=AUTO_THR
 
 def collapse_symptoms(rows, disc_start_step):
     """NEW: note 004's collapse signature in the metrics rows -> {symptom: message} (empty when healthy).
-    Compared with the rows before D started (or before the current row, for the gradient spike)."""
+    The gradient spike is judged against the median of all earlier rows; the rebound and the KL drain
+    against the rows since D started (from the last row before the start, when there is one)."""
     if len(rows) < 2:
         return {}
     row, found = rows[-1], {}
     norms = sorted(r["dec_grad_norm"] for r in rows[:-1])
-    median = norms[len(norms) // 2]
-    if row["dec_grad_norm"] > SPIKE_FACTOR * max(median, 1e-8):
+    median = max(norms[(len(norms) - 1) // 2], 1e-8)  # the lower median: a rising run cannot drag it up
+    if row["dec_grad_norm"] > SPIKE_FACTOR * median:
         found["gradient spike"] = (f"decoder gradient norm {row['dec_grad_norm']:.3g} is "
-                                   f"{row['dec_grad_norm'] / max(median, 1e-8):.0f}x its running median")
-    before = [r for r in rows if disc_start_step is not None and r["step"] <= disc_start_step]
-    if before and row["step"] > disc_start_step:
-        if row["recon"] > REBOUND_FACTOR * before[-1]["recon"]:
-            found["recon rebound"] = f"recon {row['recon']:.1f} against {before[-1]['recon']:.1f} when D started"
-        if row["kl"] < KL_DRAIN_FACTOR * before[-1]["kl"]:
-            found["KL drain"] = f"KL {row['kl']:.2f} nats against {before[-1]['kl']:.2f} when D started"
+                                   f"{row['dec_grad_norm'] / median:.0f}x the median of the rows before")
+    if disc_start_step is not None and row["step"] > disc_start_step:
+        first = max([i for i, r in enumerate(rows) if r["step"] <= disc_start_step], default=0)
+        since = rows[first:-1]  # the baseline: from just before D started up to the previous row
+        if since and row["recon"] > REBOUND_FACTOR * min(r["recon"] for r in since):
+            found["recon rebound"] = (f"recon {row['recon']:.1f} against its best {min(r['recon'] for r in since):.1f} "
+                                      f"since D started")
+        if since and row["kl"] < KL_DRAIN_FACTOR * max(r["kl"] for r in since):
+            found["KL drain"] = f"KL {row['kl']:.2f} nats against {max(r['kl'] for r in since):.2f} since D started"
     if row["saturated"] > SATURATED_SHARE:
         found["saturated outputs"] = f"{100 * row['saturated']:.0f}% of output pixels stuck at the wrong extreme"
     return found
@@ -255,6 +258,9 @@ def main(argv=None):
         disc_start_step, start_step = checkpoint["disc_start_step"], checkpoint["step"]
         negative_lpips_step.fill_(checkpoint["negative_lpips_step"])
         common.restore_rng(checkpoint)
+    if args.compile:  # the adaptive weight backpropagates twice through the same graph (retain_graph),
+        # which compiled backward functions refuse while they reuse ("donate") their buffers
+        torch._functorch.config.donated_buffer = False
     train_model = torch.compile(model) if args.compile else model
     train_disc = torch.compile(disc) if args.compile else disc
     log = common.MetricsLog(out / "metrics.csv", resume_step=start_step if args.resume else None)
@@ -291,11 +297,10 @@ def main(argv=None):
             with common.autocast(device, args):
                 logits_fake = train_disc(reconstruction).float()
             g_loss = -logits_fake.mean()  # hinge generator loss: raise D's opinion of the reconstructions
-            if args.no_adaptive_weight:
+            weight, rec_norm, adv_norm = adaptive_weight(rec_loss, g_loss, model.decoder.conv_out.weight,
+                                                         args.disc_weight)
+            if args.no_adaptive_weight:  # the norms are still measured, for adv_grad_ratio in the log
                 weight = torch.tensor(args.disc_weight, device=device)
-            else:
-                weight, rec_norm, adv_norm = adaptive_weight(rec_loss, g_loss, model.decoder.conv_out.weight,
-                                                             args.disc_weight)
             loss = loss + disc_factor * weight * g_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -444,28 +444,37 @@ def mutual_information_gap(mu, factors, bins=20):
 # ----------------------------------------------------------------------------- logs and checkpoints
 class RunningMeans:
     """Loss terms summed on the device between log rows, so the hot loop never waits for the host.
-    A vector term `kl_dim` of length D becomes the columns kl_dim_0 ... kl_dim_{D-1}."""
+    All terms live in one vector, so adding a step costs two kernel launches however many terms
+    there are (on a GPU this loop is launch-bound). A vector term `kl_dim` of length D becomes the
+    columns kl_dim_0 ... kl_dim_{D-1}."""
 
     def __init__(self):
-        self.sums, self.count = {}, 0
+        self.total, self.names, self.count = None, [], 0
 
     def add(self, **terms):
-        for k, v in terms.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
+        values = torch.cat([v.detach().float().reshape(-1) for v in terms.values()])
+        if self.total is None:
+            self.names = [n for k, v in terms.items() for n in ([k] if v.dim() == 0 else [f"{k}_{i}" for i in range(v.numel())])]
+            self.total = torch.zeros_like(values)
+        self.total += values
         self.count += 1
+
+    @property
+    def sums(self):
+        return {} if self.total is None else {"total": self.total}
 
     def pop(self):
         """Means since the last row as floats (the one host sync per row), then reset."""
-        values = (torch.cat([v.reshape(-1) for v in self.sums.values()]) / self.count).tolist()
-        names = [n for k, v in self.sums.items() for n in ([k] if v.dim() == 0 else [f"{k}_{i}" for i in range(len(v))])]
-        self.sums, self.count = {}, 0
-        return dict(zip(names, values))
+        row = dict(zip(self.names, (self.total / self.count).tolist()))
+        self.total, self.count = None, 0
+        return row
 
     def state_dict(self):
-        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "count": self.count}
+        return {"total": None if self.total is None else self.total.cpu(), "names": self.names, "count": self.count}
 
     def load_state_dict(self, state, device):
-        self.sums, self.count = {k: v.to(device) for k, v in state["sums"].items()}, state["count"]
+        self.names, self.count = state["names"], state["count"]
+        self.total = None if state["total"] is None else state["total"].to(device)
 
 
 class MetricsLog:
@@ -595,7 +604,7 @@ def save_kl_heatmap(path, rows, latent_dim):
     order = kl[:, -1].argsort(descending=True)
     fig, ax = plt.subplots(figsize=(8, 0.3 * latent_dim + 1.5))
     image = ax.imshow(kl[order].numpy(), aspect="auto", cmap="viridis", interpolation="nearest",
-                      extent=(rows[0]["step"], rows[-1]["step"], latent_dim - 0.5, -0.5))
+                      extent=(rows[0]["step"] - 0.5, rows[-1]["step"] + 0.5, latent_dim - 0.5, -0.5))
     ax.set_yticks(range(latent_dim), [f"z{int(i)}" for i in order])
     ax.set_xlabel("step")
     ax.set_title("KL per latent dim (nats)")

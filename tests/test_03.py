@@ -4,7 +4,6 @@ backbone-loading path with a file in a temporary TORCH_HOME or none at all."""
 import json
 import urllib.error
 
-import lpips
 import pytest
 import torch
 import torchvision
@@ -72,20 +71,21 @@ def test_logged_loss_adds_scaled_lpips(frozen_run):
     # One step per row: loss = recon + lpips_weight * (C*H*W) * LPIPS + gamma * |KL - C|.
     rows = read_rows(frozen_run / "metrics.csv")
     for r in rows:
-        expected = r["recon"] + 0.1 * 32 * 32 * r["lpips"] + 100 * abs(r["kl"] - r["capacity"])
+        expected = r["recon"] + 1.0 * 32 * 32 * r["lpips"] + 100 * abs(r["kl"] - r["capacity"])
         assert r["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-3)
 
 
 def test_unfrozen_lpips_incident_is_detected(tmp_path):
-    result = run_cli("03_lpips_frozen", *QUICK, "--lpips-random-backbone", "--unfreeze-lpips", "--max-steps", "200",
+    result = run_cli("03_lpips_frozen", *QUICK, "--lpips-random-backbone", "--unfreeze-lpips", "--max-steps", "150",
                      "--capacity-steps", "100", "--capacity-max", "10", "--out", tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["lpips_trainable_params"] == 1152
     # The released heads have weights of exactly 0, so Adam's first step takes some below zero.
     assert summary["lpips_negative_weight_step"] == 1 and summary["lpips_incident_step"] == 1
-    # Measured (seed 0, 32 px): an image's LPIPS first went below zero at step <MEASURED>.
-    assert summary["lpips_negative_value_step"] is not None and summary["lpips_negative_value_step"] <= 200
+    # Measured (seed 0, 32 px, CPU): an image's LPIPS first went below zero at step 61; 2x slack.
+    assert summary["lpips_negative_value_step"] is not None and summary["lpips_negative_value_step"] <= 120
+    assert f"LPIPS INCIDENT at step {summary['lpips_negative_value_step']}: an image's LPIPS went below zero" in result.stdout
     assert "LPIPS INCIDENT at step 1" in result.stdout
     rows = read_rows(tmp_path / "metrics.csv")
     assert rows[-1]["lpips_lin_min"] < 0

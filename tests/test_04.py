@@ -93,6 +93,12 @@ def test_collapse_monitor_fires_on_spike_rebound_drain_and_saturation(gan04):
     rebound = _rows([100.0] * 10 + [120.0, 160.0])
     assert gan04.collapse_symptoms(rebound[:11], disc_start_step=500) == {}  # +20%: not yet
     assert set(gan04.collapse_symptoms(rebound, disc_start_step=500)) == {"recon rebound"}
+    # D on from step 0 (the unguarded demo): measured against recon's best since the start.
+    early = _rows([500.0, 300.0, 250.0, 400.0])
+    assert set(gan04.collapse_symptoms(early, disc_start_step=0)) == {"recon rebound"}
+    assert gan04.collapse_symptoms(early[:3], disc_start_step=0) == {}
+    rising = _rows([100.0] * 8, norm=[10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0, 1280.0])
+    assert set(gan04.collapse_symptoms(rising, disc_start_step=None)) == {"gradient spike"}  # 2x per row: 16x the lower median
     drain = _rows([100.0] * 12, kl=[20.0] * 11 + [3.0])
     assert set(gan04.collapse_symptoms(drain, disc_start_step=500)) == {"KL drain"}
     assert set(gan04.collapse_symptoms(drain, disc_start_step=None)) == set()  # before D: not a GAN symptom
