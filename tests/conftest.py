@@ -40,6 +40,13 @@ def assert_clean_error(stderr, *fragments):
         assert fragment in lines[0], lines[0]
 
 
+def assert_rejected(script, *args, mentions):
+    """Running `script args` exits 2 with one clean error line that mentions `mentions`."""
+    result = run_cli(script, *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert_clean_error(result.stderr, mentions)
+
+
 @pytest.fixture(scope="session")
 def vae01():
     return load_script("01_vanilla_vae")

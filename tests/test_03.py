@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 import common
-from conftest import QUICK, assert_clean_error, load_script, read_rows, run_cli
+from conftest import QUICK, assert_clean_error, assert_rejected, load_script, read_rows, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -136,9 +136,5 @@ def test_unreadable_backbone_file_exits_2(lp03, tmp_path, monkeypatch, capsys):
 
 
 def test_bad_lpips_flags_exit_2(tmp_path):
-    result = run_cli("03_lpips_frozen", "--lpips-weight", "-1", "--out", tmp_path)
-    assert result.returncode == 2
-    assert_clean_error(result.stderr, "--lpips-weight")
-    result = run_cli("03_lpips_frozen", "--lpips-net", "resnet", "--out", tmp_path)
-    assert result.returncode == 2
-    assert_clean_error(result.stderr, "--lpips-net")
+    assert_rejected("03_lpips_frozen", "--lpips-weight", "-1", "--out", tmp_path, mentions="--lpips-weight")
+    assert_rejected("03_lpips_frozen", "--lpips-net", "resnet", "--out", tmp_path, mentions="--lpips-net")
