@@ -163,3 +163,20 @@ def test_discriminator_untouched_before_the_start(gan04, tmp_path):
 def test_bad_disc_flags_exit_2(tmp_path):
     assert_rejected("04_vae_gan_warmup", "--disc-start", "soon", "--out", tmp_path, mentions="--disc-start")
     assert_rejected("04_vae_gan_warmup", "--r1-gamma", "-1", "--out", tmp_path, mentions="--r1-gamma")
+
+
+def test_resume_continues_d_and_its_start(gan04, tmp_path):
+    # D starts during the first leg; the resumed leg must continue D, its optimizer, the start step and
+    # the running maximum of the gradient norm exactly where a straight run has them (CPU: bit-exact).
+    args = [*QUICK, "--lpips-random-backbone", "--disc-start", "20", "--log-every", "10"]
+    gan04.main([*args, "--max-steps", "60", "--out", str(tmp_path / "straight")])
+    gan04.main([*args, "--max-steps", "30", "--out", str(tmp_path / "resumed")])
+    gan04.main(["--resume", str(tmp_path / "resumed" / "checkpoint.pt"), "--max-steps", "60"])
+    straight, resumed = (read_rows(tmp_path / name / "metrics.csv") for name in ("straight", "resumed"))
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight]
+    for a, b in zip(resumed, straight):
+        for key in ["loss", "recon", "d_loss", "adaptive_weight", "logits_fake"]:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("straight", "resumed")]
+    assert summaries[0]["disc_start_step"] == summaries[1]["disc_start_step"] == 20
+    assert summaries[1]["max_dec_grad_norm"] == pytest.approx(summaries[0]["max_dec_grad_norm"], rel=1e-6)
