@@ -25,10 +25,11 @@ Run:   python 03_lpips_frozen.py                          # needs the ImageNet A
 See:   recon.png, curves.png (the LPIPS term), summary.json (test_lpips, sharpness,
        lpips_trainable_params, lpips_incident_step) in runs/03_lpips_frozen/<dataset>-<time>/.
 What we measured (random backbone, as our machines cannot download the ImageNet one; README): the
-default run (1 epoch, 781 steps) takes 150 s on a 2-core CPU and keeps 5x the fine detail of 02
-at the same length (sharpness 0.065 against 0.013), but its LPIPS and squared error have not caught
-up yet. With --epochs 2 --capacity-steps 1000 (334 s on that CPU) 03 wins everywhere against 02:
-sharpness 0.056 against 0.014, random-backbone LPIPS 0.0138 against 0.0171, recon 108 against 117.
+default run (1 epoch, 781 steps) takes 150 s on a 2-core CPU and keeps 4.6x the fine detail of 02
+at the same length (sharpness 0.064 against 0.014), with a lower random-backbone LPIPS (0.0157
+against 0.0178) at the same squared error (recon 124.0 against 124.1). With --epochs 2
+--capacity-steps 1000 (334 s on that CPU): sharpness 0.056 against 0.014, LPIPS 0.0136 against
+0.0158, recon 105 against 107.
 Defaults against 02's: one epoch instead of four and a 500-step ramp, so the run fits 5 minutes on a
 2-core CPU (LPIPS triples the cost of a step at 64 px).
 The incident (--unfreeze-lpips, --epochs 2, NVIDIA H200): a lin weight below zero at step 1, an
@@ -232,6 +233,8 @@ def main(argv=None):
     bar.close()
 
     # ------------------------------------------------------------------------- evaluation and outputs
+    common.recalibrate_batchnorm(model, train)  # exact BN statistics for mu's centring (see common)
+    save_checkpoint(total_steps)  # so a model loaded from checkpoint.pt has them too
     metrics, mu = common.evaluate(model, test, recon_loss, device, args,
                                   extra=lambda x, mean: {"test_lpips": lpips_distance(perceptual, mean.float(), x)})
     ramp = [r for r in log.rows if r["step"] <= args.capacity_steps]

@@ -379,6 +379,28 @@ def high_freq_power(images):
 
 
 @torch.no_grad()
+def recalibrate_batchnorm(model, images, batch_size=256, max_images=12_800):
+    """Recompute BatchNorm's running statistics with the final weights, exactly, over training images.
+    During training BN makes the loss blind to shifts of its input, so that input's mean drifts from
+    step to step, and the running average (momentum 0.1) lags behind it. With mu's features as
+    narrow as they become under the capacity objective, the lag shifted mu by about one standard
+    deviation at test time: test recon 144 instead of 101 in one of our 02 runs."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    device = next(model.parameters()).device
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the batches below
+    model.train()
+    for chunk in images[:max_images].split(batch_size):
+        model.encoder(to_model_range(chunk.to(device), model.recon))
+    for m in norms:
+        m.momentum = 0.1
+    model.eval()
+
+
+@torch.no_grad()
 def evaluate(model, test, recon_loss, device, args, extra=None, max_images=10_000):
     """Held-out metrics of ../CONTRACT.md -> (metrics dict, mu of every test image).
     recon_loss(raw, x) -> (B,) is the script's own reconstruction term; extra(x, mean) -> {name: (B,)}

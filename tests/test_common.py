@@ -288,3 +288,20 @@ def test_resize_crops_the_centre_then_resizes():
     img[..., :, 10:50] = 200  # the centred 40x40 square
     out = common.resize_uint8(img, 32)
     assert out.shape == (1, 1, 32, 32) and (out == 200).all()
+
+
+def test_recalibrate_batchnorm_gives_the_exact_feature_statistics():
+    torch.manual_seed(0)
+    model = common.VAE(1, 32, 4, 8, "mse", centre_mu=True)
+    images = torch.randint(0, 256, (600, 1, 32, 32), dtype=torch.uint8)
+    for _ in range(3):  # some training-mode forwards with drifting inputs leave lagging running stats
+        model(common.to_model_range(images[:64]) + torch.rand(1))
+    common.recalibrate_batchnorm(model, images, batch_size=200)
+    bn = model.encoder.to_mu[0]
+    with torch.no_grad():
+        h = model.encoder.features(common.to_model_range(images))
+    assert torch.allclose(bn.running_mean, h.mean(0), atol=1e-5)
+    # the average of three unbiased batch variances, each over 200 images
+    expected_var = torch.stack([c.var(0) for c in h.split(200)]).mean(0)
+    assert torch.allclose(bn.running_var, expected_var, rtol=1e-4, atol=1e-7)
+    assert not model.training and bn.momentum == 0.1
