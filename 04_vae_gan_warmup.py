@@ -95,11 +95,11 @@ def parse_args(argv=None):
             args.disc_start = int(args.disc_start)
         except ValueError:
             common.fail(f"--disc-start must be a step number or 'auto', got {args.disc_start!r}")
-    negative = [f for f in ("gamma", "capacity_max", "capacity_steps", "lpips_weight", "disc_weight", "r1_gamma",
-                            "grad_clip") if getattr(args, f) < 0] + (["disc_start"] if args.disc_start != "auto"
-                                                                     and args.disc_start < 0 else [])
-    if negative:
-        common.fail(f"--{negative[0].replace('_', '-')} must not be negative")
+    for name in ["gamma", "capacity_max", "capacity_steps", "lpips_weight", "disc_weight", "r1_gamma", "grad_clip"]:
+        if getattr(args, name) < 0:
+            common.fail(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if args.disc_start != "auto" and args.disc_start < 0:
+        common.fail(f"--disc-start must not be negative, got {args.disc_start}")
     if args.disc_lr <= 0:
         common.fail(f"--disc-lr must be positive, got {args.disc_lr}")
     return args

@@ -2,8 +2,8 @@
 outside forward, backward and optimizer steps, and a conventional DataLoader loop for comparison.
 Not part of the default test run (it measures time, which tests must not assert on).
 
-    python -m tests.benchmark                        # CPU (or --device cuda), 32 and 64 px, ~10 min on 2 cores
-    python -m tests.benchmark --quality --data-dir data   # + Fashion-MNIST: 01 vs an MLP VAE, equal wall-clock
+    python -m tests.benchmark                        # CPU (or --device cuda), 32 and 64 px, ~7 min on 2 cores
+    python -m tests.benchmark --quality --data-dir data   # + Fashion-MNIST: 01 vs an MLP VAE, ~5 min more
 
 How "outside" is measured: the loop's non-model work - cutting the batch (common.Batches), the
 conversion to [-1, 1], adding loss terms to the running means, writing metric rows, the progress
@@ -15,9 +15,7 @@ optimizer steps, and the loop's few remaining Python statements) is "model".
 """
 import argparse
 import functools
-import importlib.util
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,9 +23,8 @@ from pathlib import Path
 import torch
 import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import common  # noqa: E402
+from tests.conftest import load_script  # also puts the repository root on sys.path
+import common  # importable once the line above has set sys.path
 
 SCRIPTS = ["01_vanilla_vae", "02_burgess_capacity", "03_lpips_frozen", "04_vae_gan_warmup"]
 EXTRA_FLAGS = {"03_lpips_frozen": ["--lpips-random-backbone"],  # same compute as the ImageNet backbone
@@ -35,13 +32,6 @@ EXTRA_FLAGS = {"03_lpips_frozen": ["--lpips-random-backbone"],  # same compute a
 OUTSIDE = [(common.Batches, "__call__"), (common, "to_model_range"), (common.RunningMeans, "add"),
            (common.RunningMeans, "pop"), (common.MetricsLog, "write"), (tqdm.tqdm, "update"),
            (tqdm.tqdm, "set_postfix"), (common, "save_checkpoint"), (common, "all_finite")]
-
-
-def load_script(stem):
-    spec = importlib.util.spec_from_file_location(stem, ROOT / f"{stem}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class OutsideTimer:

@@ -26,6 +26,7 @@ def test_no_gradient_reaches_lpips(lp03, perceptual):
     assert sum(p.numel() for p in perceptual.lins.parameters()) == 1152  # the heads lpips leaves trainable
     reconstruction = torch.rand(4, 1, 32, 32, requires_grad=True)
     x = torch.rand(4, 1, 32, 32) * 2 - 1
+    assert not perceptual.training  # a fixed metric: eval mode, so the lin heads' dropout is off
     perceptual.train()  # even if something switches it to train mode, nothing in it may learn
     lp03.lpips_distance(perceptual, torch.tanh(reconstruction), x).sum().backward()
     assert reconstruction.grad is not None and reconstruction.grad.abs().sum() > 0  # the decoder does learn
