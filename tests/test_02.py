@@ -59,6 +59,17 @@ def test_kl_follows_capacity_and_carries_information(run02):
     for name in ["traversals.png", "kl_per_dim.png", "curves.png", "recon.png", "samples.png"]:
         assert (run02 / name).stat().st_size > 0
     assert 0.0 <= summary["mig"] <= 1.0 and set(summary["mig_per_factor"]) == set(common.SHAPE_FACTORS)
+    # switch_on: each dim's first logged step with KL > 0.5 nats, recomputed here from metrics.csv.
+    expected = {}
+    for r in rows:
+        for i in range(10):
+            if i not in expected and r[f"kl_dim_{i}"] > 0.5:
+                expected[i] = r["step"]
+    assert expected and {e["dim"]: e["step"] for e in summary["switch_on"]} == expected
+    assert [e["step"] for e in summary["switch_on"]] == sorted(expected.values())
+    for e in summary["switch_on"]:
+        assert e["capacity"] == pytest.approx(min(12.0, 12.0 * e["step"] / 200))
+        assert e["knows_most_about"] in common.SHAPE_FACTORS and 0.0 <= e["information"] <= 1.0
 
 
 def test_capacity_continues_where_a_resumed_run_stopped(run02, tmp_path, cap02):
@@ -82,3 +93,22 @@ def test_mig_against_known_codes():
     mixed = torch.cat([factors[:, 3:4] + factors[:, 4:5], factors[:, 3:4] - factors[:, 4:5]], 1).float()
     assert common.mutual_information_gap(mixed, factors)[1]["pos_x"] < 0.2  # x spread over two dims
     assert common.mutual_information_gap(torch.randn(4000, 6, generator=g), factors)[0] < 0.02
+
+
+def test_switch_on_steps_takes_the_first_crossing(cap02):
+    kl = {10: [0.1, 0.0, 0.6], 20: [0.7, 0.0, 0.2], 30: [0.2, 0.0, 0.9], 40: [0.9, 0.4, 0.9]}  # step: dims 0-2
+    rows = [{"step": s, **{f"kl_dim_{i}": v for i, v in enumerate(values)}} for s, values in kl.items()]
+    # dim 2 crosses first (step 10), dips, and stays at 10; dim 0 crosses at 20; dim 1 never passes 0.5
+    assert cap02.switch_on_steps(rows, 3) == [(2, 10), (0, 20)]
+    assert cap02.switch_on_steps(rows, 3, threshold=0.3) == [(2, 10), (0, 20), (1, 40)]
+
+
+def test_factor_information_finds_the_dim_that_holds_each_factor():
+    g = torch.Generator().manual_seed(0)
+    factors = torch.stack([torch.randint(0, n, (4000,), generator=g) for n in common.SHAPE_FACTORS.values()], 1)
+    codes = torch.cat([torch.randn(4000, 1, generator=g), factors.flip(1).float()], 1)  # dim 1 = pos_y ... dim 5 = shape
+    info = common.factor_information(codes, factors)
+    assert info.shape == (6, 5)
+    assert info.argmax(0).tolist() == [5, 4, 3, 2, 1]  # each factor is found in its own dim
+    assert info[0].max() < 0.05  # noise: only the binned estimate's small-sample bias (measured up to 0.024)
+    assert info[5, 0] > 0.95 and info[1, 4] > 0.8  # shape has 3 values (no binning loss); pos_y 32 values in 20 bins
