@@ -6,11 +6,13 @@ the numbered script that introduces them, so each script can be read top to bott
 """
 import argparse
 import csv
+import gzip
 import importlib.metadata
 import json
 import math
 import os
 import platform
+import shutil
 import signal
 import sys
 import time
@@ -177,9 +179,17 @@ def resize_uint8(images, size):
 
 def load_torchvision(name, root, train):
     import torchvision.datasets as tvd
-    cls, layout = {"mnist": (tvd.MNIST, "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte(.gz)"),
-                   "fashion-mnist": (tvd.FashionMNIST, "FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte(.gz)"),
+    cls, layout = {"mnist": (tvd.MNIST, "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]"),
+                   "fashion-mnist": (tvd.FashionMNIST, "FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]"),
                    "cifar10": (tvd.CIFAR10, "cifar-10-batches-py/ (or cifar-10-python.tar.gz)")}[name]
+    # torchvision accepts a .gz only if its checksum matches the original download; a recompressed
+    # copy (a Linux distribution's package, say) makes it try the network. Unpacked files it reads.
+    for packed in (Path(root) / cls.__name__ / "raw").glob("*-ubyte.gz"):
+        if not packed.with_suffix("").exists():
+            part = packed.with_suffix(".part")  # renamed when complete: an interrupted unpack leaves no half file
+            with gzip.open(packed, "rb") as src, open(part, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            part.replace(packed.with_suffix(""))
     try:
         data = cls(root, train=train, download=True).data
     except Exception as e:  # offline, a proxy, a half-written file: say what to place where

@@ -283,6 +283,30 @@ def test_failed_download_exits_2_saying_where_to_put_files(tmp_path, capsys, mon
     assert_clean_error(capsys.readouterr().err, "fashion-mnist", "FashionMNIST/raw/", str(tmp_path))
 
 
+def test_recompressed_gz_files_load_offline(tmp_path, monkeypatch):
+    # Gzipped IDX files whose checksums are not torchvision's (here: compressed by us, as a Linux
+    # package does) must load without the network, not trigger a download.
+    import gzip
+    import urllib.error
+    import torchvision.datasets.mnist as tv_mnist
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(tv_mnist, "download_and_extract_archive", offline)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = torch.randint(0, 256, (2, 5, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for split, imgs in zip(["train", "t10k"], images):  # the IDX format: magic, sizes (big-endian), bytes
+        header = (2051).to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in imgs.shape)
+        (raw / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + imgs.numpy().tobytes()))
+        labels = (2049).to_bytes(4, "big") + (5).to_bytes(4, "big") + bytes(range(5))
+        (raw / f"{split}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels))
+    for split, train in [(0, True), (1, False)]:
+        data = common.load_torchvision("fashion-mnist", str(tmp_path), train=train)
+        assert torch.equal(data, images[split].unsqueeze(1))
+    assert not list(raw.glob("*.part"))
+
+
 def test_resize_crops_the_centre_then_resizes():
     img = torch.zeros(1, 1, 40, 60, dtype=torch.uint8)
     img[..., :, 10:50] = 200  # the centred 40x40 square
