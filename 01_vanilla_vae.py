@@ -93,8 +93,9 @@ def kl_penalty(kl_per_dim, free_bits):
 def main(argv=None):
     started = time.time()
     args = parse_args(argv)
-    device, out = common.setup_run(args, SCRIPT)
+    device = common.choose_device(args)  # also seeds torch
     train, test, _ = common.load_data(args)
+    out = common.create_run_folder(args, SCRIPT, device)  # only now: bad input leaves no folder behind
     batches = common.Batches(train, args.batch_size, args.seed, device)
     total_steps = args.epochs * batches.steps_per_epoch
     total_steps = min(total_steps, args.max_steps) if args.max_steps else total_steps

@@ -133,9 +133,10 @@ def lowest_lin_weight(perceptual):
 def main(argv=None):
     started = time.time()
     args = parse_args(argv)
-    device, out = common.setup_run(args, SCRIPT)
+    device = common.choose_device(args)  # also seeds torch
     train, test, test_factors = common.load_data(args)
     perceptual = build_lpips(args.lpips_net, args.lpips_random_backbone, device)  # NEW
+    out = common.create_run_folder(args, SCRIPT, device)  # only now: bad input leaves no folder behind
     backbone = "random" if args.lpips_random_backbone else "imagenet"
     if backbone == "random":
         print("warning: LPIPS has a RANDOM backbone (--lpips-random-backbone): its numbers are not a perceptual metric")

@@ -89,8 +89,8 @@ def parse_args(parser, argv=None):
 
 
 # ----------------------------------------------------------------------------- run set-up
-def setup_run(args, script):
-    """Seed, pick the device, create the output folder and write config.json."""
+def choose_device(args):
+    """Seed torch and pick the device."""
     torch.manual_seed(args.seed)
     if args.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -99,7 +99,12 @@ def setup_run(args, script):
         available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
         if not available[device]:
             fail(f"--device {device} is not available on this machine; use --device auto or cpu")
-    device = torch.device(device)
+    return torch.device(device)
+
+
+def create_run_folder(args, script, device):
+    """Create the output folder and write config.json. The scripts call it once the data (and 03-04's
+    LPIPS weights) have loaded, so a run that stops on bad input leaves no folder behind."""
     out = Path(args.out or f"runs/{script}/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -111,7 +116,7 @@ def setup_run(args, script):
         "script": script, "args": vars(args), "command": " ".join(sys.argv), "device": f"{device.type}: {name}",
         "threads": torch.get_num_threads(), "versions": {"python": platform.python_version(), **{
             package: importlib.metadata.version(package) for package in ("torch", "torchvision", "lpips", "matplotlib")}}})
-    return device, out
+    return out
 
 
 def autocast(device, args):

@@ -116,6 +116,7 @@ def test_bad_input_exits_2_with_one_error_line(tmp_path, args, fragment):
     result = run_cli("01_vanilla_vae", *args, "--out", tmp_path / "out")
     assert result.returncode == 2
     assert_clean_error(result.stderr, fragment)
+    assert not (tmp_path / "out").exists()  # a run that cannot start leaves no folder behind
 
 
 def test_empty_folder_exits_2(tmp_path, vae01, capsys):
@@ -123,6 +124,7 @@ def test_empty_folder_exits_2(tmp_path, vae01, capsys):
     with pytest.raises(SystemExit) as e:
         vae01.main(["--dataset", "folder", "--data-dir", str(tmp_path / "images"), "--out", str(tmp_path / "o")])
     assert e.value.code == 2
+    assert not (tmp_path / "o").exists()
     assert_clean_error(capsys.readouterr().err, "found 0 readable images")
 
 

@@ -125,6 +125,19 @@ def test_missing_backbone_exits_2_naming_file_and_folder(lp03, tmp_path, monkeyp
                        "--lpips-random-backbone")
 
 
+def test_a_run_without_the_backbone_leaves_no_folder(lp03, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(SystemExit) as stop:
+        lp03.main([*QUICK, "--max-steps", "5", "--out", str(tmp_path / "run")])
+    assert stop.value.code == 2
+    assert_clean_error(capsys.readouterr().err, "alexnet-owt-7be5be79.pth")
+    assert not (tmp_path / "run").exists()
+
+
 def test_unreadable_backbone_file_exits_2(lp03, tmp_path, monkeypatch, capsys):
     folder = tmp_path / "hub" / "checkpoints"
     folder.mkdir(parents=True)
