@@ -112,30 +112,31 @@ def test_backbone_loads_from_a_file_in_torch_home(lp03, tmp_path, monkeypatch):
     assert not any(p.requires_grad for p in perceptual.parameters())
 
 
-def test_missing_backbone_exits_2_naming_file_and_folder(lp03, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def offline_torch_home(tmp_path, monkeypatch):
+    """An empty TORCH_HOME on a machine whose downloads fail."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    return tmp_path
+
+
+def test_missing_backbone_exits_2_naming_file_and_folder(lp03, offline_torch_home, capsys):
     with pytest.raises(SystemExit) as stop:
         lp03.build_lpips("alex", random_backbone=False, device=torch.device("cpu"))
     assert stop.value.code == 2
-    assert_clean_error(capsys.readouterr().err, "alexnet-owt-7be5be79.pth", str(tmp_path / "hub" / "checkpoints"),
-                       "--lpips-random-backbone")
+    assert_clean_error(capsys.readouterr().err, "alexnet-owt-7be5be79.pth",
+                       str(offline_torch_home / "hub" / "checkpoints"), "--lpips-random-backbone")
 
 
-def test_a_run_without_the_backbone_leaves_no_folder(lp03, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+def test_a_run_without_the_backbone_leaves_no_folder(lp03, offline_torch_home, capsys):
     with pytest.raises(SystemExit) as stop:
-        lp03.main([*QUICK, "--max-steps", "5", "--out", str(tmp_path / "run")])
+        lp03.main([*QUICK, "--max-steps", "5", "--out", str(offline_torch_home / "run")])
     assert stop.value.code == 2
     assert_clean_error(capsys.readouterr().err, "alexnet-owt-7be5be79.pth")
-    assert not (tmp_path / "run").exists()
+    assert not (offline_torch_home / "run").exists()
 
 
 def test_unreadable_backbone_file_exits_2(lp03, tmp_path, monkeypatch, capsys):
