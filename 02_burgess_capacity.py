@@ -95,7 +95,7 @@ def switch_on_steps(rows, latent_dim, threshold=0.5):
     for row in rows:
         for i in range(latent_dim):
             if i not in steps and row[f"kl_dim_{i}"] > threshold:
-                steps[i] = row["step"]
+                steps[i] = int(row["step"])
     return sorted(steps.items(), key=lambda item: item[1])
 
 
@@ -211,9 +211,9 @@ def main(argv=None):
     print(f"test: recon {metrics['test_recon']:.1f}  KL {metrics['test_kl']:.2f} nats (C {summary['capacity_final']:.1f})  "
           f"PSNR {metrics['test_psnr_db']:.2f} dB  active units {metrics['active_units']}/{args.latent_dim}  "
           f"sharpness {metrics['sharpness']:.3f}" + (f"  MIG {summary['mig']:.3f}" if "mig" in summary else ""))
-    print("dims switched on (KL > 0.5 nats) at: " + ", ".join(
-        f"z{e['dim']} step {e['step']} (C {e['capacity']:.1f}" + (f", {e['knows_most_about']} {e['information']:.2f})" if "information" in e else ")")
-        for e in summary["switch_on"]))
+    switched = [f"z{e['dim']} step {e['step']} (C {e['capacity']:.1f}"
+                + (f", {e['knows_most_about']} {e['information']:.2f})" if "information" in e else ")") for e in summary["switch_on"]]
+    print("dims switched on (KL > 0.5 nats) at: " + (", ".join(switched) or "none"))
 
 
 if __name__ == "__main__":
