@@ -112,3 +112,13 @@ def test_factor_information_finds_the_dim_that_holds_each_factor():
     assert info.argmax(0).tolist() == [5, 4, 3, 2, 1]  # each factor is found in its own dim
     assert info[0].max() < 0.05  # noise: only the binned estimate's small-sample bias (measured up to 0.024)
     assert info[5, 0] > 0.95 and info[1, 4] > 0.8  # shape has 3 values (no binning loss); pos_y 32 values in 20 bins
+
+
+def test_pixel_spectrum_recovers_known_variances():
+    from tests.pixel_spectrum import leading_variances
+    g = torch.Generator().manual_seed(0)
+    a, b = [torch.randint(0, 2, (4000, 1), generator=g).double() * 2 - 1 for _ in range(2)]  # +-1 each
+    p1, p2 = torch.tensor([[1.0, 1, 1, 1]]) / 2, torch.tensor([[1.0, -1, 1, -1]]) / 2  # orthonormal pixel patterns
+    images = (128 + 60 * a * p1 + 30 * b * p2).round().to(torch.uint8).view(4000, 1, 2, 2)
+    ratios = leading_variances(images, k=4)  # variances 60^2 and 30^2 along p1 and p2, nothing else
+    assert ratios[0] == 1.0 and ratios[1] == pytest.approx(0.25, abs=0.01) and max(ratios[2:]) < 1e-9
