@@ -2,6 +2,7 @@
 import importlib.util
 import subprocess
 import sys
+import urllib.error
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,29 @@ sys.path.insert(0, str(ROOT))
 
 # Small, fast settings for real runs: 32 px shapes, a few hundred steps.
 QUICK = ["--image-size", "32", "--log-every", "20"]
+
+
+def no_network(*args, **kwargs):
+    """Stands in for a download function on a machine without network."""
+    raise urllib.error.URLError("no network")
+
+
+def checkpoint_codes(out):
+    """(mu, true factors) of the shapes test images, recomputed from the run's checkpoint.pt: an
+    independent path to the codes that a script's summary.json scores (MIG, switch_on)."""
+    import torch
+    import common
+    state = common.load_checkpoint(Path(out) / "checkpoint.pt")
+    a = state["args"]
+    _, test, factors = common.make_shapes(50_000, 5_000, a["image_size"], seed=1234)
+    centre = any("to_mu.0.running_mean" in k for k in state["model"])  # 02-04 centre mu's inputs
+    model = common.VAE(1, a["image_size"], a["latent_dim"], a["width"], a["recon"], centre_mu=centre)
+    model.load_state_dict(state["model"])
+    model.eval()
+    with torch.no_grad():
+        mu = torch.cat([model.encoder(common.to_model_range(chunk, a["recon"]))[0] for chunk in test.split(500)])
+    return mu, factors
+
 
 
 def load_script(stem):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import common
-from conftest import QUICK, load_script, read_rows, run_cli
+from conftest import QUICK, checkpoint_codes, load_script, read_rows, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +67,12 @@ def test_kl_follows_capacity_and_carries_information(run02):
                 expected[i] = r["step"]
     assert expected and {e["dim"]: e["step"] for e in summary["switch_on"]} == expected
     assert [e["step"] for e in summary["switch_on"]] == sorted(expected.values())
+    info = common.factor_information(*checkpoint_codes(run02))  # from the saved model's codes, (D, K)
     for e in summary["switch_on"]:
         assert e["capacity"] == pytest.approx(min(12.0, 12.0 * e["step"] / 200))
-        assert e["knows_most_about"] in common.SHAPE_FACTORS and 0.0 <= e["information"] <= 1.0
+        k = int(info[e["dim"]].argmax())
+        assert e["knows_most_about"] == list(common.SHAPE_FACTORS)[k]
+        assert e["information"] == pytest.approx(info[e["dim"], k].item(), abs=1e-6)
 
 
 def test_capacity_continues_where_a_resumed_run_stopped(run02, tmp_path, cap02):

@@ -2,14 +2,13 @@
 never negative), the unfrozen incident detected, the loss against a hand computation, and the
 backbone-loading path with a file in a temporary TORCH_HOME or none at all."""
 import json
-import urllib.error
 
 import pytest
 import torch
 import torchvision
 
 import common
-from conftest import QUICK, assert_clean_error, assert_rejected, load_script, read_rows, run_cli
+from conftest import QUICK, assert_clean_error, assert_rejected, load_script, no_network, read_rows, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -116,10 +115,7 @@ def test_backbone_loads_from_a_file_in_torch_home(lp03, tmp_path, monkeypatch):
 def offline_torch_home(tmp_path, monkeypatch):
     """An empty TORCH_HOME on a machine whose downloads fail."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     return tmp_path
 
 

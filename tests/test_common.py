@@ -7,7 +7,7 @@ import torch
 from torch.distributions import Normal, kl_divergence as torch_kl
 
 import common
-from conftest import assert_clean_error
+from conftest import assert_clean_error, no_network
 
 
 # ----------------------------------------------------------------------------- KL and reparameterization
@@ -271,12 +271,8 @@ def test_celeba_layout_and_cache(tmp_path, capsys):
 
 
 def test_failed_download_exits_2_saying_where_to_put_files(tmp_path, capsys, monkeypatch):
-    import urllib.error
     import torchvision.datasets.mnist as tv_mnist
-
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-    monkeypatch.setattr(tv_mnist, "download_and_extract_archive", offline)
+    monkeypatch.setattr(tv_mnist, "download_and_extract_archive", no_network)
     with pytest.raises(SystemExit) as e:
         common.load_torchvision("fashion-mnist", str(tmp_path), train=True)
     assert e.value.code == 2
@@ -287,12 +283,8 @@ def test_recompressed_gz_files_load_offline(tmp_path, monkeypatch):
     # Gzipped IDX files whose checksums are not torchvision's (here: compressed by us, as a Linux
     # package does) must load without the network, not trigger a download.
     import gzip
-    import urllib.error
     import torchvision.datasets.mnist as tv_mnist
-
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-    monkeypatch.setattr(tv_mnist, "download_and_extract_archive", offline)
+    monkeypatch.setattr(tv_mnist, "download_and_extract_archive", no_network)
     raw = tmp_path / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
     images = torch.randint(0, 256, (2, 5, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
