@@ -1,6 +1,7 @@
 """02_burgess_capacity.py: the capacity schedule at its edges, the loss against a hand computation
 on a real run's numbers, KL following C, C surviving a resume, and the information-free-KL guard."""
 import json
+import math
 
 import pytest
 import torch
@@ -125,3 +126,17 @@ def test_pixel_spectrum_recovers_known_variances():
     images = (128 + 60 * a * p1 + 30 * b * p2).round().to(torch.uint8).view(4000, 1, 2, 2)
     ratios = leading_variances(images, k=4)  # variances 60^2 and 30^2 along p1 and p2, nothing else
     assert ratios[0] == 1.0 and ratios[1] == pytest.approx(0.25, abs=0.01) and max(ratios[2:]) < 1e-9
+
+
+def test_position_code_tells_a_loop_from_a_line():
+    from tests.position_code import curve_shape
+    g = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 32, (6400,), generator=g)
+    angle = 2 * math.pi * 0.8 * values / 31  # 0.8 of a circle, 288 degrees, over the 32 positions
+    noise = 0.3 * torch.randn(6400, 6, generator=g)
+    loop = noise + torch.cat([angle.cos().view(-1, 1), angle.sin().view(-1, 1), torch.zeros(6400, 4)], 1)
+    first, two, turn = curve_shape(loop @ torch.linalg.qr(torch.randn(6, 6, generator=g))[0], values, 32)  # any rotation of z
+    assert 0.3 < first < 0.7 and two > 0.97 and turn == pytest.approx(288, abs=15)
+    line = noise + torch.cat([(values.float() / 31 - 0.5).view(-1, 1), torch.zeros(6400, 5)], 1)
+    first, two, _ = curve_shape(line, values, 32)
+    assert first > 0.95
