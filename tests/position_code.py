@@ -7,7 +7,8 @@ A position coded along one direction of z (one dim, or one mix of dims) draws a 
 the first direction holds nearly all of the curve's variance. A position coded as a loop through
 two dims, like a sine and a cosine of the position, splits the variance about evenly between two
 directions, and the curve turns most of the way round a circle in their plane. 02 uses it to
-explain why the dims of x and y switch on as a group of four.
+explain why the dims of x and y switch on as a group of four. It draws both curves, each in its
+own plane, into position_code.png in the run folder.
 """
 import argparse
 import math
@@ -23,7 +24,8 @@ from tests.conftest import checkpoint_codes  # noqa: E402
 
 def curve_shape(mu, values, n_values):
     """mu (N, D) codes, values (N,) factor values 0..n_values-1 -> (share of the curve's variance in
-    its first direction, in its first two, degrees the curve turns around its centre in that plane)."""
+    its first direction, in its first two, degrees the curve turns around its centre in that plane,
+    the curve in that plane (n_values, 2))."""
     means = torch.stack([mu[values == v].mean(0) for v in range(n_values)]).double()  # (n_values, D)
     centred = means - means.mean(0)
     _, s, vt = torch.linalg.svd(centred, full_matrices=False)
@@ -31,7 +33,7 @@ def curve_shape(mu, values, n_values):
     plane = centred @ vt[:2].T  # (n_values, 2)
     angle = torch.atan2(plane[:, 1], plane[:, 0])
     turns = (angle.diff() + math.pi) % (2 * math.pi) - math.pi  # each step's turn, in (-pi, pi]
-    return shares[0].item(), shares[:2].sum().item(), math.degrees(turns.sum().abs().item())
+    return shares[0].item(), shares[:2].sum().item(), math.degrees(turns.sum().abs().item()), plane
 
 
 def main():
@@ -39,11 +41,25 @@ def main():
     p.add_argument("run", help="a shapes run's output folder (it holds checkpoint.pt)")
     args = p.parse_args()
     mu, factors = checkpoint_codes(args.run)
-    for k, name in enumerate(common.SHAPE_FACTORS):
-        if name.startswith("pos"):
-            first, two, turn = curve_shape(mu, factors[:, k], common.SHAPE_FACTORS[name])
-            print(f"{name}: E[mu | {name}] has {first:.0%} of its variance in one direction, {two:.0%} in two; "
-                  f"in that plane it turns {turn:.0f} degrees around its centre")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+    for ax, (k, name) in zip(axes, [(3, "pos_x"), (4, "pos_y")]):
+        first, two, turn, plane = curve_shape(mu, factors[:, k], common.SHAPE_FACTORS[name])
+        print(f"{name}: E[mu | {name}] has {first:.0%} of its variance in one direction, {two:.0%} in two; "
+              f"in that plane it turns {turn:.0f} degrees around its centre")
+        ax.plot(*plane.T, color="lightgray", zorder=1)
+        dots = ax.scatter(*plane.T, c=range(len(plane)), cmap="viridis", zorder=2)
+        ax.plot(0, 0, "k+")
+        ax.set_title(f"E[mu | {name}]: turns {turn:.0f} degrees", fontsize=10)
+        ax.set_xlabel(f"first direction ({first:.0%})")
+        ax.set_ylabel(f"second direction ({two - first:.0%})")
+        ax.set_aspect("equal", "datalim")
+        fig.colorbar(dots, ax=ax, shrink=0.8, label=f"{name} (0 = left/top)")
+    fig.tight_layout()
+    fig.savefig(Path(args.run) / "position_code.png", dpi=100)
+    print(f"drawn in {Path(args.run) / 'position_code.png'}")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,15 @@
 on a real run's numbers, KL following C, C surviving a resume, and the information-free-KL guard."""
 import json
 import math
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import common
-from conftest import QUICK, checkpoint_codes, load_script, read_rows, run_cli
+from conftest import QUICK, ROOT, checkpoint_codes, load_script, read_rows, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +138,23 @@ def test_position_code_tells_a_loop_from_a_line():
     angle = 2 * math.pi * 0.8 * values / 31  # 0.8 of a circle, 288 degrees, over the 32 positions
     noise = 0.3 * torch.randn(6400, 6, generator=g)
     loop = noise + torch.cat([angle.cos().view(-1, 1), angle.sin().view(-1, 1), torch.zeros(6400, 4)], 1)
-    first, two, turn = curve_shape(loop @ torch.linalg.qr(torch.randn(6, 6, generator=g))[0], values, 32)  # any rotation of z
+    first, two, turn, _ = curve_shape(loop @ torch.linalg.qr(torch.randn(6, 6, generator=g))[0], values, 32)  # any rotation of z
     assert 0.3 < first < 0.7 and two > 0.97 and turn == pytest.approx(288, abs=15)
     line = noise + torch.cat([(values.float() / 31 - 0.5).view(-1, 1), torch.zeros(6400, 5)], 1)
-    first, two, _ = curve_shape(line, values, 32)
+    first, two, _, _ = curve_shape(line, values, 32)
     assert first > 0.95
+
+
+def test_position_code_reads_a_run_folder(run02):
+    from tests.position_code import curve_shape
+    result = subprocess.run([sys.executable, "-m", "tests.position_code", str(run02)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    pattern = r"(\d+)% of its variance in one direction, (\d+)% in two; in that plane it turns (\d+) degrees"
+    printed = [list(map(float, m.groups())) for m in re.finditer(pattern, result.stdout)]
+    mu, factors = checkpoint_codes(run02)  # the same numbers, computed here from the checkpoint
+    expected = [curve_shape(mu, factors[:, k], 32)[:3] for k in (3, 4)]
+    assert len(printed) == 2
+    for shown, (first, two, turn) in zip(printed, expected):
+        assert shown == pytest.approx([100 * first, 100 * two, turn], abs=0.51)  # printed rounded
+    assert (run02 / "position_code.png").stat().st_size > 0
