@@ -27,9 +27,9 @@ dim switched on, the more it carries at the end (6.9, 5.8, 4.5, 3.3, 2.0, 1.9, 0
 --seed 1 the first two come together, the rest one at a time). On shapes
 (the default, 196 s) they do not: four dims switch on together at C 2.5-3.8 nats and end with
 5.4-5.8 nats each. They hold x and y position as two loops: over the 32 x positions the mean code
-turns 340 degrees around its centre in a plane of two dims, like a sine and a cosine of x, and y does the same
-(python -m tests.position_code <run folder>). Two dims per axis, and the two axes matter equally,
-so four come on together. A ten times slower ramp keeps the group: the same four dims rise in
+turns 340 degrees around its centre in a plane of two dims, like a sine and a cosine of x, and y
+does the same (python -m tests.position_code <run folder>). Two dims per axis, and the two axes
+matter equally, so four come on together. A ten times slower ramp keeps the group: the same four dims rise in
 lockstep to 5.9-6.3 nats each (64 px, 22,000 steps). The README has the measurements and why.
 Test recon 96 against 01's 63, sharpness 0.012 against 01's 0.116, MIG 0.017 against 01's 0.010.
 Defaults against the paper (dSprites, gamma 1000, C 0 -> 25 nats over 100k steps, latent 10,

@@ -1,17 +1,22 @@
 """Real photos for the `folder` data set, offline: square crops of the photos that scikit-image
 ships (not a requirement of the scripts; `pip install scikit-image` for this tool only).
 
-    python -m tests.photo_tiles data/photo_tiles          # then: python 01_vanilla_vae.py --dataset folder --data-dir data/photo_tiles
+    python -m tests.photo_tiles data/photo_tiles
+    python 01_vanilla_vae.py --dataset folder --data-dir data/photo_tiles --epochs 30
 
 Each photo gives --crops crops at random places, with sides between a quarter and a half of the
-photo's shorter side, saved as 128-px PNGs; the scripts resize them to --image-size (default 64). Grey photos stay grey (the
-folder loader converts every image to RGB). The test split (every tenth file) holds other crops of
-the same photos, so it measures fitting, not generalisation to new photos.
+photo's shorter side, saved as 128-px PNGs; the scripts resize them to --image-size (default 64).
+Grey photos stay grey (the folder loader converts every image to RGB). The test split (every tenth
+file) holds other crops of the same photos, so it measures fitting, not generalisation to new photos.
 """
 import argparse
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for common
+import common  # noqa: E402
 
 # Photographs only: scikit-image also ships drawings and test patterns (logo, checkerboard, phantom).
 PHOTOS = ["astronaut", "brick", "camera", "cat", "cell", "chelsea", "clock", "coffee", "coins", "grass",
@@ -28,12 +33,15 @@ def main():
         import skimage.data
         from PIL import Image
     except ImportError:
-        raise SystemExit("error: this tool needs scikit-image: pip install scikit-image")
+        common.fail("this tool needs scikit-image, which the scripts do not: pip install scikit-image")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(args.seed)
     for name in PHOTOS:
-        photo = getattr(skimage.data, name)()  # (H, W) or (H, W, 3) uint8
+        try:
+            photo = getattr(skimage.data, name)()  # (H, W) or (H, W, 3) uint8
+        except Exception as e:  # a scikit-image version that lacks it, or fetches it from the network
+            common.fail(f"scikit-image could not give its photo {name!r} ({type(e).__name__}: {e})")
         h, w = photo.shape[:2]
         short = min(h, w)
         for i in range(args.crops):

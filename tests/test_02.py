@@ -1,5 +1,6 @@
 """02_burgess_capacity.py: the capacity schedule at its edges, the loss against a hand computation
-on a real run's numbers, KL following C, C surviving a resume, and the information-free-KL guard."""
+on a real run's numbers, KL following C, C surviving a resume, and the information-free-KL guard;
+the tools that explain its switch-on steps (pixel_spectrum, position_code)."""
 import json
 import math
 import re
@@ -138,7 +139,8 @@ def test_position_code_tells_a_loop_from_a_line():
     angle = 2 * math.pi * 0.8 * values / 31  # 0.8 of a circle, 288 degrees, over the 32 positions
     noise = 0.3 * torch.randn(6400, 6, generator=g)
     loop = noise + torch.cat([angle.cos().view(-1, 1), angle.sin().view(-1, 1), torch.zeros(6400, 4)], 1)
-    first, two, turn, _ = curve_shape(loop @ torch.linalg.qr(torch.randn(6, 6, generator=g))[0], values, 32)  # any rotation of z
+    rotation = torch.linalg.qr(torch.randn(6, 6, generator=g))[0]  # the loop need not lie along two dims
+    first, two, turn, _ = curve_shape(loop @ rotation, values, 32)
     assert 0.3 < first < 0.7 and two > 0.97 and turn == pytest.approx(288, abs=15)
     line = noise + torch.cat([(values.float() / 31 - 0.5).view(-1, 1), torch.zeros(6400, 5)], 1)
     first, two, _, _ = curve_shape(line, values, 32)
