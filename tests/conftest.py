@@ -25,7 +25,9 @@ def checkpoint_codes(out):
     import torch
     import common
     state = common.load_checkpoint(Path(out) / "checkpoint.pt")
-    a = state["args"]
+    a = dict({"recon": "mse"}, **state["args"])  # 03-04 have no --recon: always the Gaussian (MSE) likelihood
+    if a["dataset"] != "shapes":
+        common.fail(f"{out} is a {a['dataset']} run; the true factors are known only for shapes")
     _, test, factors = common.make_shapes(50_000, 5_000, a["image_size"], seed=1234)
     centre = any("to_mu.0.running_mean" in k for k in state["model"])  # 02-04 centre mu's inputs
     model = common.VAE(1, a["image_size"], a["latent_dim"], a["width"], a["recon"], centre_mu=centre)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import common
-from conftest import QUICK, ROOT, checkpoint_codes, load_script, read_rows, run_cli
+from conftest import QUICK, ROOT, assert_clean_error, checkpoint_codes, load_script, read_rows, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +160,13 @@ def test_position_code_reads_a_run_folder(run02):
     for shown, (first, two, turn) in zip(printed, expected):
         assert shown == pytest.approx([100 * first, 100 * two, turn], abs=0.51)  # printed rounded
     assert (run02 / "position_code.png").stat().st_size > 0
+
+
+def test_position_code_refuses_a_run_without_true_factors(tmp_path):
+    common.save_checkpoint(tmp_path / "checkpoint.pt", script="02_burgess_capacity", model={},
+                           args={"dataset": "fashion-mnist", "image_size": 32, "latent_dim": 10, "width": 32})
+    result = subprocess.run([sys.executable, "-m", "tests.position_code", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert_clean_error(result.stderr, "fashion-mnist run", "only for shapes")
+    assert not (tmp_path / "position_code.png").exists()
