@@ -1,4 +1,5 @@
 """Helpers: load a numbered script as a module (their names start with a digit), run one as a user would."""
+import argparse
 import importlib.util
 import subprocess
 import sys
@@ -28,7 +29,7 @@ def checkpoint_codes(out):
     a = dict({"recon": "mse"}, **state["args"])  # 03-04 have no --recon: always the Gaussian (MSE) likelihood
     if a["dataset"] != "shapes":
         common.fail(f"{out} is a {a['dataset']} run; the true factors are known only for shapes")
-    _, test, factors = common.make_shapes(50_000, 5_000, a["image_size"], seed=1234)
+    _, test, factors = common.load_data(argparse.Namespace(dataset="shapes", image_size=a["image_size"]))  # the run's own test set
     centre = any("to_mu.0.running_mean" in k for k in state["model"])  # 02-04 centre mu's inputs
     model = common.VAE(1, a["image_size"], a["latent_dim"], a["width"], a["recon"], centre_mu=centre)
     model.load_state_dict(state["model"])
@@ -36,7 +37,6 @@ def checkpoint_codes(out):
     with torch.no_grad():
         mu = torch.cat([model.encoder(common.to_model_range(chunk, a["recon"]))[0] for chunk in test.split(500)])
     return mu, factors
-
 
 
 def load_script(stem):

@@ -12,14 +12,12 @@ own plane, into position_code.png in the run folder.
 """
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for common
-import common  # noqa: E402
-from tests.conftest import checkpoint_codes  # noqa: E402
+from tests.conftest import checkpoint_codes  # also puts the repository root on sys.path
+import common  # importable once the line above has set sys.path
 
 
 def curve_shape(mu, values, n_values):
