@@ -56,6 +56,8 @@ def parse_args(argv=None):
     parser = common.base_parser(SCRIPT, __doc__, epochs=4)
     parser.add_argument("--recon", choices=["mse", "bce"], default="mse",
                         help="Gaussian likelihood on [-1, 1] (tanh) or Bernoulli on [0, 1] (logits) (default: mse)")
+    parser.add_argument("--decoder-std", type=float, default=math.sqrt(0.5),
+                        help="sigma of the Gaussian decoder on [-1, 1] pixels (default: 0.7071, variance 1/2)")
     parser.add_argument("--gamma", type=float, default=100.0,
                         help="weight of |KL - C|; large, so the KL must follow C (default: 100)")  # NEW
     parser.add_argument("--capacity-max", type=float, default=25.0, help="final capacity C_max, nats (default: 25)")  # NEW
@@ -64,20 +66,21 @@ def parse_args(argv=None):
     args = common.parse_args(parser, argv)
     if args.gamma < 0 or args.capacity_max < 0 or args.capacity_steps < 0:
         common.fail("--gamma, --capacity-max and --capacity-steps must not be negative")
+    if args.decoder_std <= 0:
+        common.fail(f"--decoder-std must be positive, got {args.decoder_std}")
     return args
 
 
 # ----------------------------------------------------------------------------- the ELBO's pieces
-def recon_loss(raw, x, recon):
-    """-log p(x|z) for each image, summed over pixels: (B,) nats.
+def recon_loss(raw, x, recon, decoder_std):
+    """-log p(x|z) for each image, summed over its P pixel values: (B,) nats.
     bce: Bernoulli with logits `raw`, x in [0, 1]:  -sum[x log p + (1 - x) log(1 - p)].
-    mse: Gaussian with mean tanh(raw) and fixed variance 1/2, x in [-1, 1]:
-         -log N(x; m, 1/2) = sum (x - m)^2 + (D/2) log(pi). The constant has no gradient, so we
-         drop it here and add it back for test_neg_elbo. (A smaller variance would weight the
-         reconstruction more, like a beta below 1.)"""
+    mse: Gaussian with mean m = tanh(raw) and fixed std sigma, x in [-1, 1]:
+         -log N(x; m, sigma^2) = sum (x - m)^2 / (2 sigma^2) + P log(sigma sqrt(2 pi)).
+         The constant has no gradient, so it is dropped."""
     if recon == "bce":
         return F.binary_cross_entropy_with_logits(raw, x, reduction="none").flatten(1).sum(1)
-    return (torch.tanh(raw) - x).pow(2).flatten(1).sum(1)
+    return (torch.tanh(raw) - x).pow(2).flatten(1).sum(1) / (2 * decoder_std ** 2)
 
 
 def capacity(step, capacity_max, capacity_steps):
@@ -114,10 +117,10 @@ def main(argv=None):
     print(f"{args.dataset}: {len(train)} train / {len(test)} test images {tuple(train.shape[1:])}, "
           f"{total_steps} steps on {device}, output in {out}")
 
-    # NEW: centre_mu=True. A constant offset of mu, the same for every image, costs KL but carries no
-    # information, and the encoder's ReLU features (all positive) make an offset the fastest way to
-    # raise the KL towards C. Without centring mu's inputs (BatchNorm, no scale or shift) our runs met
-    # C = 25 nats with 0 active units and the mean image as every reconstruction.
+    # NEW: centre_mu=True. While KL < C the objective rewards any KL, and the cheapest is an offset: one
+    # shift of mu for every image costs 1/2 ||E[mu]||^2 nats and carries no information. The encoder
+    # then computes mu = W BatchNorm(h) with no bias, so in training the batch mean of mu is exactly 0
+    # and that route is closed (metrics.csv: kl_offset, the offset's share of the KL).
     model = common.VAE(train.shape[1], args.image_size, args.latent_dim, args.width, args.recon,
                        channel_mean=common.channel_mean(train), centre_mu=True).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -136,7 +139,6 @@ def main(argv=None):
         common.save_checkpoint(out / "checkpoint.pt", script=SCRIPT, args=vars(args), step=step,
                                model=model.state_dict(), optimizer=optimizer.state_dict(), running=running.state_dict())
 
-    stop = common.StopRequest()
     bar = tqdm(total=total_steps, initial=start_step, desc=SCRIPT, dynamic_ncols=True)
     timer, timed_steps, train_time = time.perf_counter(), 0, 0.0
     for step in range(start_step, total_steps):
@@ -146,14 +148,15 @@ def main(argv=None):
             raw, mu, logvar = train_model(x)
         # Reconstruction summed over pixels, KL summed over latent dims, both averaged over the batch
         # (the scale the paper's gamma assumes):  loss = E_x[-log p(x|z)] + gamma * |E_x[KL] - C|
-        recon = recon_loss(raw.float(), x, args.recon).mean()
+        recon = recon_loss(raw.float(), x, args.recon, args.decoder_std).mean()
         kl_per_dim = common.kl_divergence(mu, logvar).mean(0)  # (D,) nats
         loss = recon + args.gamma * (kl_per_dim.sum() - target).abs()  # NEW
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-        running.add(loss=loss, recon=recon, kl=kl_per_dim.sum(), kl_dim=kl_per_dim)  # NEW: per-dim KL too
+        running.add(loss=loss, recon=recon, kl=kl_per_dim.sum(), kl_offset=0.5 * mu.mean(0).pow(2).sum(),
+                    kl_dim=kl_per_dim)  # NEW: per-dim KL too
         bar.update(1)
         timed_steps += 1
         done = step + 1
@@ -167,22 +170,17 @@ def main(argv=None):
                        "images_per_s": timed_steps * args.batch_size / elapsed})
             bar.set_postfix(loss=f"{row['loss']:.1f}", recon=f"{row['recon']:.1f}", kl=f"{row['kl']:.2f}", C=f"{target:.2f}")
             timer, timed_steps = time.perf_counter(), 0
-        if done % batches.steps_per_epoch == 0 or done == total_steps or stop.requested:
+        if done % batches.steps_per_epoch == 0 or done == total_steps:
             if not common.all_finite(model, *running.sums.values()):
                 common.diverged(done, out)
             save_checkpoint(done)
-        if stop.requested:
-            bar.close()
-            print(f"interrupted: checkpoint of step {done} saved; continue with --resume {out / 'checkpoint.pt'}")
-            raise SystemExit(130)
     bar.close()
 
     # ------------------------------------------------------------------------- evaluation and outputs
     common.recalibrate_batchnorm(model, train)  # exact BN statistics for mu's centring (see common)
     save_checkpoint(total_steps)  # so a model loaded from checkpoint.pt has them too
-    metrics, mu = common.evaluate(model, test, lambda raw, x: recon_loss(raw, x, args.recon), device, args)
-    pixels = test[0].numel()
-    constant = 0.0 if args.recon == "bce" else 0.5 * pixels * math.log(math.pi)  # see recon_loss
+    metrics, mu = common.evaluate(model, test, lambda raw, x: recon_loss(raw, x, args.recon, args.decoder_std),
+                                  device, args)
     # NEW: does the KL follow C? Correlation over the ramp's log rows, and the final KL against C_max.
     ramp = [r for r in log.rows if r["step"] <= args.capacity_steps]
     follows = common.correlation([r["kl"] for r in ramp], [r["capacity"] for r in ramp]) if len(ramp) > 2 else None
@@ -191,8 +189,6 @@ def main(argv=None):
                "wall_s": time.time() - started,
                "train_images_per_s": (total_steps - start_step) * args.batch_size / max(train_time, 1e-9),
                **metrics,
-               # single-sample estimate of -ELBO; for mse a density on [-1, 1]-scaled pixels, so it can be negative
-               "test_neg_elbo": metrics["test_recon"] + constant + metrics["test_kl"],
                "capacity_final": capacity(total_steps, args.capacity_max, args.capacity_steps),  # NEW
                "kl_capacity_correlation": follows}  # NEW
     # NEW: when did each dim switch on, and (on shapes) which true factor does it know most about?
@@ -207,12 +203,13 @@ def main(argv=None):
     common.write_json(out / "summary.json", summary)
     common.save_pictures(out, model, test, device, args.latent_dim, kl_per_dim=metrics["kl_per_dim"])
     common.save_curves(out / "curves.png", log.rows, [("loss", ["loss"]), ("reconstruction", ["recon"]),
-                                                     ("KL follows C (nats/image)", ["kl", "capacity"])])
+                                                     ("KL follows C (nats/image)", ["kl", "capacity", "kl_offset"])])
     common.save_kl_heatmap(out / "kl_per_dim.png", log.rows, args.latent_dim,  # NEW
                            switch_on=[(e["dim"], e["step"]) for e in summary["switch_on"]])
     print(f"test: recon {metrics['test_recon']:.1f}  KL {metrics['test_kl']:.2f} nats (C {summary['capacity_final']:.1f})  "
           f"PSNR {metrics['test_psnr_db']:.2f} dB  active units {metrics['active_units']}/{args.latent_dim}  "
-          f"sharpness {metrics['sharpness']:.3f}" + (f"  MIG {summary['mig']:.3f}" if "mig" in summary else ""))
+          f"spectrum error {metrics['spectrum_error']:.3f}  hf power {metrics['hf_power_ratio']:.3f}  "
+          f"KL offset {metrics['test_kl_offset']:.2f}" + (f"  MIG {summary['mig']:.3f}" if "mig" in summary else ""))
     switched = [f"z{e['dim']} step {e['step']} (C {e['capacity']:.1f}"
                 + (f", {e['knows_most_about']} {e['information']:.2f})" if "information" in e else ")") for e in summary["switch_on"]]
     print("dims switched on (KL > 0.5 nats) at: " + (", ".join(switched) or "none"))

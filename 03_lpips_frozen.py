@@ -180,7 +180,7 @@ def main(argv=None):
                                optimizer=optimizer.state_dict(), running=running.state_dict(),
                                negative_steps=[int(negative_weight_step), int(negative_lpips_step)])
 
-    stop, reported = common.StopRequest(), set()
+    reported = set()
     bar = tqdm(total=total_steps, initial=start_step, desc=SCRIPT, dynamic_ncols=True)
     timer, timed_steps, train_time = time.perf_counter(), 0, 0.0
     for step in range(start_step, total_steps):
@@ -201,7 +201,8 @@ def main(argv=None):
             negative_weight_step.masked_fill_((negative_weight_step == 0) & (lowest_lin_weight(perceptual) < 0), step + 1)
         negative_lpips_step.masked_fill_((negative_lpips_step == 0) & (perceptual_per_image.min() < 0), step + 1)
 
-        running.add(loss=loss, recon=recon, kl=kl_per_dim.sum(), lpips=perceptual_per_image.mean(), kl_dim=kl_per_dim)
+        running.add(loss=loss, recon=recon, kl=kl_per_dim.sum(), kl_offset=0.5 * mu.mean(0).pow(2).sum(),
+                    lpips=perceptual_per_image.mean(), kl_dim=kl_per_dim)
         bar.update(1)
         timed_steps += 1
         done = step + 1
@@ -223,14 +224,10 @@ def main(argv=None):
                     reported.add(what)
                     bar.write(f"LPIPS INCIDENT at step {int(first)}: {what}. The perceptual loss is being trained, "
                               f"not used: expect ripple noise in the reconstructions. Freeze it (drop --unfreeze-lpips).")
-        if done % batches.steps_per_epoch == 0 or done == total_steps or stop.requested:
+        if done % batches.steps_per_epoch == 0 or done == total_steps:
             if not common.all_finite(model, *running.sums.values()):
                 common.diverged(done, out)
             save_checkpoint(done)
-        if stop.requested:
-            bar.close()
-            print(f"interrupted: checkpoint of step {done} saved; continue with --resume {out / 'checkpoint.pt'}")
-            raise SystemExit(130)
     bar.close()
 
     # ------------------------------------------------------------------------- evaluation and outputs
@@ -265,7 +262,7 @@ def main(argv=None):
     common.save_kl_heatmap(out / "kl_per_dim.png", log.rows, args.latent_dim)
     print(f"test: recon {metrics['test_recon']:.1f}  LPIPS {metrics['test_lpips']:.4f} ({backbone} backbone)  "
           f"KL {metrics['test_kl']:.2f} nats  PSNR {metrics['test_psnr_db']:.2f} dB  "
-          f"sharpness {metrics['sharpness']:.3f}  LPIPS params trained: {lpips_trainable}"
+          f"spectrum error {metrics['spectrum_error']:.3f}  hf power {metrics['hf_power_ratio']:.3f}  LPIPS params trained: {lpips_trainable}"
           + (f"  incident at step {min(incident)}" if incident else ""))
 
 

@@ -6,16 +6,18 @@ is rewarded for patches D cannot tell from data. Added naively it wrecks the run
 step 0 the reconstructions are blobs, D wins at once, its gradients dwarf the reconstruction's and
 pull the decoder towards whatever fools D - the run "collapses": a spike in the decoder's gradient
 norm, the reconstruction loss rebounding, the KL draining, outputs saturating into noise. Two
-guards, as in latent-diffusion's LPIPSWithDiscriminator:
+guards, from latent-diffusion's LPIPSWithDiscriminator:
 
-    warm-up:          disc_factor = 0 until --disc-start (D neither trains nor reaches the decoder)
+    warm-up:          disc_factor = 0 until --disc-start (D neither trains nor reaches the decoder);
+                      latent-diffusion uses a fixed step, our default 'auto' waits for recon to level off
     adaptive weight:  lambda = ||grad_W L_rec|| / (||grad_W L_adv|| + 1e-4), clamped to [0, 1e4],
                       detached, times --disc-weight; W = the decoder's last layer (decoder.conv_out)
     loss = recon + lpips_weight * P * LPIPS + gamma * |KL - C| + disc_factor * lambda * L_adv
 
 L_rec is recon + the LPIPS term; L_adv = -mean D(x_hat) (hinge generator loss). With lambda, the
-adversarial gradient at the last layer is disc_weight times the reconstruction gradient there
-(metrics.csv: adv_grad_ratio), whatever the scales of the two losses. D: 4x4 stride-2 convolutions,
+adversarial gradient at the last layer is disc_weight times the reconstruction gradient there,
+whatever the scales of the two losses. Deeper in the decoder the two gradients are free to differ:
+metrics.csv's adv_rec_grad_ratio measures them over all decoder parameters. D: 4x4 stride-2 convolutions,
 LeakyReLU 0.2, a logit per patch, spectral norm; hinge loss 0.5 (mean relu(1 - D(x)) +
 mean relu(1 + D(x_hat))) on detached reconstructions, its own Adam (betas 0.5, 0.9).
 
@@ -147,8 +149,9 @@ class PatchDiscriminator(nn.Module):
     """NEW: PatchGAN (Isola et al. 2017). Three 4x4 stride-2 convolutions halve the image three times,
     a 4x4 stride-1 convolution gives one logit per overlapping patch (~46 px receptive field), so D
     judges local texture, not the global layout the reconstruction loss already gets right.
-    No BatchNorm: with spectral norm (each layer's largest singular value held at 1, so D cannot
-    become arbitrarily steep) it is not needed, and it would couple the real and fake batches."""
+    Spectral norm where latent-diffusion's NLayerDiscriminator has BatchNorm: it holds each layer's
+    largest singular value at 1, so D cannot become arbitrarily steep, and D's verdict on an image
+    does not depend on the other images in its batch."""
 
     def __init__(self, channels, width, spectral_norm=True):
         super().__init__()
@@ -185,6 +188,17 @@ def adaptive_weight(rec_loss, adv_loss, last_layer, disc_weight):
     rec_norm, adv_norm = rec_grad.norm(), adv_grad.norm()
     weight = (rec_norm / (adv_norm + 1e-4)).clamp(0.0, 1e4).detach()
     return weight * disc_weight, rec_norm.detach(), adv_norm.detach()
+
+
+def adv_rec_grad_ratio(rec_loss, adv_term, params):
+    """NEW: ||grad_theta adv_term|| / ||grad_theta rec_loss|| over all the decoder's parameters theta,
+    adv_term = lambda * L_adv. The adaptive weight fixes this ratio at disc_weight on the last layer
+    only; over the whole decoder it is free, so it says how hard D really pulls against the
+    reconstruction. Two extra backward passes: measured on logged steps only."""
+    rec = torch.autograd.grad(rec_loss, params, retain_graph=True)
+    adv = torch.autograd.grad(adv_term, params, retain_graph=True)
+    norm = lambda grads: torch.stack([g.norm() for g in grads]).norm()  # noqa: E731
+    return (norm(adv) / (norm(rec) + 1e-12)).detach()
 
 
 def auto_disc_start(rows, capacity_steps, window=AUTO_WINDOW, threshold=AUTO_THRESHOLD):
@@ -262,6 +276,8 @@ def main(argv=None):
         disc_optimizer.load_state_dict(checkpoint["disc_optimizer"])
         running.load_state_dict(checkpoint["running"], device)
         disc_start_step, start_step = checkpoint["disc_start_step"], checkpoint["step"]
+        if args.disc_start != checkpoint["args"]["disc_start"]:  # --disc-start given with --resume wins
+            disc_start_step = args.disc_start if args.disc_start != "auto" else None
         negative_lpips_step.fill_(checkpoint["negative_lpips_step"])
         common.restore_rng(checkpoint)
     if args.compile:  # the adaptive weight backpropagates twice through the same graph (retain_graph),
@@ -279,10 +295,9 @@ def main(argv=None):
                                disc_start_step=disc_start_step, negative_lpips_step=int(negative_lpips_step),
                                max_dec_grad_norm=float(max_dec_grad_norm))
 
-    stop = common.StopRequest()
     bar = tqdm(total=total_steps, initial=start_step, desc=SCRIPT, dynamic_ncols=True)
     timer, timed_steps, train_time = time.perf_counter(), 0, 0.0
-    zero = torch.zeros((), device=device)
+    zero, grad_ratio = torch.zeros((), device=device), 0.0
     max_dec_grad_norm = torch.tensor(checkpoint["max_dec_grad_norm"] if args.resume else 0.0, device=device)
     for step in range(start_step, total_steps):
         x = common.to_model_range(batches(step))  # (B, C, H, W) in [-1, 1], on the device already
@@ -305,8 +320,10 @@ def main(argv=None):
             g_loss = -logits_fake.mean()  # hinge generator loss: raise D's opinion of the reconstructions
             weight, rec_norm, adv_norm = adaptive_weight(rec_loss, g_loss, model.decoder.conv_out.weight,
                                                          args.disc_weight)
-            if args.no_adaptive_weight:  # the norms are still measured, for adv_grad_ratio in the log
+            if args.no_adaptive_weight:
                 weight = torch.tensor(args.disc_weight, device=device)
+            if (step + 1) % args.log_every == 0 or step + 1 == total_steps:  # NEW: for the metrics row
+                grad_ratio = float(adv_rec_grad_ratio(rec_loss, weight * g_loss, list(model.decoder.parameters())))
             loss = loss + disc_factor * weight * g_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -329,10 +346,9 @@ def main(argv=None):
             logits_real, logits_fake = logits_real.mean(), logits_fake.mean()
         negative_lpips_step.masked_fill_((negative_lpips_step == 0) & (perceptual_per_image.min() < 0), step + 1)
 
-        running.add(loss=loss, recon=recon, kl=kl_per_dim.sum(), lpips=perceptual_per_image.mean(),
+        running.add(loss=loss, recon=recon, kl=kl_per_dim.sum(), kl_offset=0.5 * mu.mean(0).pow(2).sum(),
+                    lpips=perceptual_per_image.mean(),
                     d_loss=d_loss, g_loss=g_loss, adaptive_weight=weight, dec_grad_norm=dec_grad_norm,
-                    # the adversarial gradient at the last layer relative to the reconstruction's (note 004 §3)
-                    adv_grad_ratio=weight * adv_norm / (rec_norm + 1e-12) * disc_factor,
                     logits_real=logits_real, logits_fake=logits_fake,
                     # share of pixels stuck in tanh's flat tail on the wrong side: confidently wrong, and no
                     # gradient to fix them (on shapes most pixels are legitimately deep in the black tail)
@@ -349,7 +365,9 @@ def main(argv=None):
             elapsed = time.perf_counter() - timer
             train_time += elapsed
             log.write({"step": done, "epoch": step // batches.steps_per_epoch, **row, "capacity": target,
-                       "disc_factor": disc_factor, "images_per_s": timed_steps * args.batch_size / elapsed})
+                       "disc_factor": disc_factor, "adv_rec_grad_ratio": grad_ratio,
+                       "images_per_s": timed_steps * args.batch_size / elapsed})
+            grad_ratio = 0.0
             bar.set_postfix(recon=f"{row['recon']:.1f}", lpips=f"{row['lpips']:.3f}", kl=f"{row['kl']:.2f}",
                             d=f"{row['d_loss']:.2f}", w=f"{row['adaptive_weight']:.2g}")
             timer, timed_steps = time.perf_counter(), 0
@@ -360,14 +378,10 @@ def main(argv=None):
                 if symptom not in warnings_seen:
                     warnings_seen[symptom] = f"step {done}: {symptom}: {message}"
                     bar.write(f"COLLAPSE WARNING {warnings_seen[symptom]}")
-        if done % batches.steps_per_epoch == 0 or done == total_steps or stop.requested:
+        if done % batches.steps_per_epoch == 0 or done == total_steps:
             if not common.all_finite(model, disc, *running.sums.values()):
                 common.diverged(done, out)
             save_checkpoint(done)
-        if stop.requested:
-            bar.close()
-            print(f"interrupted: checkpoint of step {done} saved; continue with --resume {out / 'checkpoint.pt'}")
-            raise SystemExit(130)
     bar.close()
 
     # ------------------------------------------------------------------------- evaluation and outputs
@@ -389,7 +403,7 @@ def main(argv=None):
                "lpips_incident_step": int(negative_lpips_step) or None,
                "disc_start_step": disc_start_step,  # NEW: None if D never started
                "max_dec_grad_norm": float(max_dec_grad_norm),  # NEW: largest of any single step
-               "max_adv_grad_ratio": max(r["adv_grad_ratio"] for r in log.rows),  # NEW
+               "max_adv_rec_grad_ratio": max(r["adv_rec_grad_ratio"] for r in log.rows),  # NEW
                "collapse_warnings": list(warnings_seen.values())}  # NEW
     if test_factors is not None:
         summary["mig"], summary["mig_per_factor"] = common.mutual_information_gap(mu, test_factors[:len(mu)])
@@ -400,11 +414,12 @@ def main(argv=None):
                                                      (f"LPIPS ({backbone} backbone)", ["lpips"]),
                                                      ("KL follows C (nats/image)", ["kl", "capacity"]),
                                                      ("discriminator", ["d_loss", "logits_real", "logits_fake"]),
-                                                     ("decoder grad norm", ["dec_grad_norm"])], marks)
+                                                     ("decoder grad norm", ["dec_grad_norm"]),
+                                                     ("D's pull on the decoder", ["adv_rec_grad_ratio"])], marks)
     common.save_kl_heatmap(out / "kl_per_dim.png", log.rows, args.latent_dim)
     print(f"test: recon {metrics['test_recon']:.1f}  LPIPS {metrics['test_lpips']:.4f} ({backbone} backbone)  "
           f"KL {metrics['test_kl']:.2f} nats  PSNR {metrics['test_psnr_db']:.2f} dB  "
-          f"sharpness {metrics['sharpness']:.3f}  D started at {disc_start_step}  "
+          f"spectrum error {metrics['spectrum_error']:.3f}  hf power {metrics['hf_power_ratio']:.3f}  D started at {disc_start_step}  "
           f"collapse warnings: {len(warnings_seen)}")
 
 

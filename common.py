@@ -13,7 +13,6 @@ import math
 import os
 import platform
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 DATASETS = ["shapes", "mnist", "fashion-mnist", "cifar10", "celeba", "folder"]
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+PADDED = {"mnist": 2, "fashion-mnist": 2}  # border added around the 28 x 28 originals, pixels
 
 
 def fail(message, code=2):
@@ -33,14 +33,9 @@ def fail(message, code=2):
 
 
 # ----------------------------------------------------------------------------- arguments
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print usage plus "prog: error:"; we keep one line
-        fail(f"{message} (see --help)")
-
-
 def base_parser(script, doc, epochs):
     """The flags every script takes (CONTRACT.md); each script adds its own after these."""
-    p = Parser(prog=f"{script}.py", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=f"{script}.py", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=DATASETS, default="shapes", help="(default: shapes, drawn by code, no download)")
     p.add_argument("--data-dir", default="data", help="where data sets live; for folder, the image folder (default: data)")
     p.add_argument("--image-size", type=int, default=None, help="(default: 64 for shapes, celeba, folder; 32 otherwise)")
@@ -55,7 +50,8 @@ def base_parser(script, doc, epochs):
     p.add_argument("--out", default=None, help="output folder (default: runs/<script>/<dataset>-<time>)")
     p.add_argument("--resume", default=None, help="continue the run saved in this checkpoint.pt (default: none)")
     p.add_argument("--log-every", type=int, default=50, help="steps between metric rows (default: 50)")
-    p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA (default: autocast on)")
+    p.add_argument("--amp", action="store_true",
+                   help="bf16 autocast on CUDA; slower than float32 for these small models on an H200 (default: off)")
     p.add_argument("--compile", action="store_true", help="wrap the model in torch.compile (default: off)")
     return p
 
@@ -120,8 +116,8 @@ def create_run_folder(args, script, device):
 
 
 def autocast(device, args):
-    """bf16 autocast on CUDA unless --no-amp; the losses are always computed in float32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and not args.no_amp)
+    """bf16 autocast on CUDA with --amp; the losses are always computed in float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and args.amp)
 
 
 def write_json(path, obj):
@@ -204,12 +200,16 @@ def load_torchvision(name, root, train):
     return data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)  # (N, C, H, W)
 
 
-def read_image(path, size):
-    """One file -> (3, size, size) uint8, or None when it cannot be decoded."""
-    from PIL import Image, ImageOps
+def read_image(path, size, box=None):
+    """One file -> (3, size, size) uint8, or None when it cannot be decoded. A square of side `box`
+    at the image centre (default: the largest that fits) is cut out, then resized to size x size."""
+    from PIL import Image
     try:
         with Image.open(path) as img:
-            img = ImageOps.fit(img.convert("RGB"), (size, size), Image.BICUBIC)  # resize + centre crop
+            w, h = img.size
+            side = min(w, h) if box is None else box
+            left, top = (w - side) // 2, (h - side) // 2
+            img = img.convert("RGB").resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
     except Exception:  # truncated, not an image, unsupported mode: skip it and count it
         return None
     return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
@@ -232,7 +232,7 @@ def load_folder(root, size):
 
 def load_celeba(root, size):
     folder = Path(root) / "celeba"
-    cache = folder / f"cache_{size}.pt"
+    cache = folder / f"cache_{size}_box148.pt"
     if cache.exists():
         return torch.load(cache)
     partition = folder / "list_eval_partition.txt"
@@ -243,9 +243,8 @@ def load_celeba(root, size):
     out = {}
     for part, name in [("0", "train"), ("2", "test")]:  # 0 train, 1 validation, 2 test
         files = [folder / "img_align_celeba" / f for f, s in split.items() if s == part]
-        decoded = [read_image(f, 148) for f in files]  # the customary 148-px centre crop ...
-        good = torch.stack([x for x in decoded if x is not None])
-        out[name] = resize_uint8(good, size)  # ... then resized
+        decoded = [read_image(f, size, box=148) for f in files]  # a 148 x 148 box at the face's centre
+        out[name] = torch.stack([x for x in decoded if x is not None])
     torch.save((out["train"], out["test"]), cache)
     return out["train"], out["test"]
 
@@ -259,8 +258,17 @@ def load_data(args):
     elif args.dataset == "celeba":
         train, test = load_celeba(args.data_dir, args.image_size)
     else:
-        train, test = [resize_uint8(load_torchvision(args.dataset, args.data_dir, t), args.image_size) for t in (True, False)]
+        train, test = [load_torchvision(args.dataset, args.data_dir, t) for t in (True, False)]
+        if args.dataset in PADDED:  # 28 x 28 -> 32 x 32 with a zero border: every original pixel kept
+            train, test = [F.pad(t, (PADDED[args.dataset],) * 4) for t in (train, test)]
+        train, test = resize_uint8(train, args.image_size), resize_uint8(test, args.image_size)
     return train, test, None
+
+
+def original_pixels(images, dataset):
+    """The pixels a data set really has: the 28 x 28 centre of a padded MNIST image, else all."""
+    b = PADDED.get(dataset, 0) if images.shape[-1] == 32 else 0
+    return images[..., b:images.shape[-2] - b, b:images.shape[-1] - b]
 
 
 class Batches:
@@ -310,9 +318,10 @@ class Encoder(nn.Module):
             layers += [nn.Conv2d(c_in, c, 4, stride=2, padding=1), nn.ReLU()]
             c_in = c
         self.features = nn.Sequential(*layers, nn.Flatten(), nn.Linear(c_in * 16, hidden), nn.ReLU())  # (B, 256)
-        # centre_mu: mu reads BatchNorm-centred features (no scale, no shift); 02 explains why.
+        # centre_mu: mu = W (h - mean_batch h) / std_batch h, with no bias after the centring, so the
+        # batch mean of mu is exactly 0 in training; 02 explains why.
         centre = nn.BatchNorm1d(hidden, affine=False) if centre_mu else nn.Identity()
-        self.to_mu = nn.Sequential(centre, nn.Linear(hidden, latent_dim))  # (B, D)
+        self.to_mu = nn.Sequential(centre, nn.Linear(hidden, latent_dim, bias=not centre_mu))  # (B, D)
         self.to_logvar = nn.Linear(hidden, latent_dim)  # (B, D)
 
     def forward(self, x):
@@ -385,21 +394,36 @@ def kl_divergence(mu, logvar):
 
 
 # ----------------------------------------------------------------------------- evaluation
-def high_freq_power(images):
-    """Fourier power of (B, C, H, W) images summed over radial frequencies above 1/4 cycle per pixel."""
-    h, w = images.shape[-2:]
-    fy, fx = torch.fft.fftfreq(h, device=images.device), torch.fft.fftfreq(w, device=images.device)
-    radius = (fy.view(-1, 1) ** 2 + fx.view(1, -1) ** 2).sqrt()  # cycles per pixel
-    return torch.fft.fft2(images.float()).abs().pow(2)[..., radius > 0.25].sum()
+def power_spectrum(images):
+    """|FFT|^2 of (B, C, H, W) images, summed over images and channels -> (H, W), float64 on the CPU."""
+    return torch.fft.fft2(images.float()).abs().pow(2).sum((0, 1)).double().cpu()
+
+
+def spectrum_metrics(power_recon, power_data):
+    """Compare two power spectra (H, W) of square images -> (hf_power_ratio, spectrum_error).
+    hf_power_ratio: power above 1/4 cycle per pixel, reconstructions over originals; 1 = as much
+        fine-scale energy as the data. Noise raises it as much as detail does.
+    spectrum_error: mean over the rings r = 1 .. H/2 (radius in cycles per image, rounded) of
+        |log10 P_recon(r) - log10 P_data(r)|; 0 = the data's spectrum. Blur (power missing at high r)
+        and noise (power added) both raise it."""
+    h = power_data.shape[0]
+    f = torch.fft.fftfreq(h, dtype=torch.float64)
+    radius = (f.view(-1, 1) ** 2 + f.view(1, -1) ** 2).sqrt()  # cycles per pixel
+    high = radius > 0.25
+    hf_power_ratio = (power_recon[high].sum() / power_data[high].sum()).item()
+    ring = (radius * h).round().long().flatten()
+    rings = [torch.bincount(ring, weights=p.flatten(), minlength=h)[1:h // 2 + 1] for p in (power_recon, power_data)]
+    spectrum_error = (rings[0].clamp(min=1e-30).log10() - rings[1].clamp(min=1e-30).log10()).abs().mean().item()
+    return hf_power_ratio, spectrum_error
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model, images, batch_size=256, max_images=12_800):
-    """Recompute BatchNorm's running statistics with the final weights, exactly, over training images.
+def recalibrate_batchnorm(model, images, batch_size=256, max_images=12_800, seed=0):
+    """Recompute BatchNorm's running statistics with the final weights, exactly, over a seeded random
+    subset of the training images (storage order can be sorted, as a folder's is).
     During training BN makes the loss blind to shifts of its input, so that input's mean drifts from
-    step to step, and the running average (momentum 0.1) lags behind it. With mu's features as
-    narrow as they become under the capacity objective, the lag shifted mu by about one standard
-    deviation at test time: test recon 144 instead of 96 in one of our 02 runs."""
+    step to step, and the running average (momentum 0.1) lags behind it; with mu's features as
+    narrow as they become under the capacity objective, that lag moves mu at test time."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
@@ -408,7 +432,8 @@ def recalibrate_batchnorm(model, images, batch_size=256, max_images=12_800):
         m.reset_running_stats()
         m.momentum = None  # a plain average over the batches below
     model.train()
-    for chunk in images[:max_images].split(batch_size):
+    subset = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:max_images]
+    for chunk in images[subset].split(batch_size):
         model.encoder(to_model_range(chunk.to(device), model.recon))
     for m in norms:
         m.momentum = 0.1
@@ -417,13 +442,14 @@ def recalibrate_batchnorm(model, images, batch_size=256, max_images=12_800):
 
 @torch.no_grad()
 def evaluate(model, test, recon_loss, device, args, extra=None, max_images=10_000):
-    """Held-out metrics of ../CONTRACT.md -> (metrics dict, mu of every test image).
-    recon_loss(raw, x) -> (B,) is the script's own reconstruction term; extra(x, mean) -> {name: (B,)}
-    adds per-image metrics. The ELBO terms use one sample z ~ q(z|x) (a fixed noise draw); pixel
-    metrics and sharpness use the decoded mean mu, i.e. the reconstruction shown in recon.png."""
+    """Held-out metrics for summary.json -> (metrics dict, mu of every test image).
+    recon_loss(raw, x) -> (B,) is the script's own reconstruction term (test_recon; test_recon_original
+    is the same on the pixels the data set really has, see original_pixels); extra(x, mean) ->
+    {name: (B,)} adds per-image metrics. The ELBO terms use one sample z ~ q(z|x) (a fixed noise draw); pixel
+    metrics and spectra use the decoding of z = mu, i.e. the reconstruction shown in recon.png."""
     model.eval()
     noise = torch.Generator().manual_seed(args.seed)
-    sums, kl_sum, power, mus = {}, 0.0, torch.zeros(2), []
+    sums, kl_sum, power_recon, power_data, mus, variances = {}, 0.0, 0.0, 0.0, [], 0.0
     test = test[:max_images]
     for chunk in test.split(256):
         original = chunk.to(device).float() / 255  # [0, 1]
@@ -434,21 +460,29 @@ def evaluate(model, test, recon_loss, device, args, extra=None, max_images=10_00
             raw_sample, raw_mean = model.decoder(reparameterize(mu, logvar, eps)), model.decoder(mu)
         kl = kl_divergence(mu, logvar)  # (B, D) nats
         recon = model.to_unit(raw_mean)
+        original_only = lambda t: original_pixels(t, args.dataset)  # noqa: E731  MNIST without its border
         per_image = {"test_recon": recon_loss(raw_sample.float(), x), "test_kl": kl.sum(1),
+                     "test_recon_original": recon_loss(original_only(raw_sample.float()), original_only(x)),
                      "test_mse": (recon - original).pow(2).flatten(1).mean(1)}
         per_image.update(extra(x, model.mean(raw_mean.float())) if extra else {})
         for k, v in per_image.items():
             sums[k] = sums.get(k, 0.0) + v.sum().item()
         kl_sum = kl_sum + kl.sum(0)
-        power += torch.stack([high_freq_power(recon), high_freq_power(original)]).cpu()
+        power_recon, power_data = power_recon + power_spectrum(recon), power_data + power_spectrum(original)
         mus.append(mu.cpu())
+        variances = variances + logvar.exp().sum(0).cpu()
     model.train()
     metrics = {k: v / len(test) for k, v in sums.items()}
     mu = torch.cat(mus)
     metrics["test_psnr_db"] = 10 * math.log10(1.0 / max(metrics["test_mse"], 1e-12))
     metrics["active_units"] = int((mu.var(0) > 0.01).sum())  # Cov_x(E_q[z_i|x]) > 0.01, Burda et al. 2016
     metrics["kl_per_dim"] = (kl_sum / len(test)).tolist()
-    metrics["sharpness"] = (power[0] / power[1]).item()  # 1.0 = as much fine detail as the originals
+    # The part of the KL that a shift of every code by the same vector costs: KL without information.
+    metrics["test_kl_offset"] = 0.5 * mu.mean(0).pow(2).sum().item()
+    # What the code could carry as a Gaussian channel: signal Var_x(mu_i) over noise E_x[sigma_i^2],
+    # 1/2 ln(1 + S/N) nats per dim, summed. KL above it pays for something other than information.
+    metrics["test_channel_nats"] = (0.5 * (1 + mu.var(0) / (variances / len(test))).log()).sum().item()
+    metrics["hf_power_ratio"], metrics["spectrum_error"] = spectrum_metrics(power_recon, power_data)
     return metrics, mu
 
 
@@ -569,21 +603,6 @@ def diverged(step, out):
          f"the last good checkpoint {Path(out) / 'checkpoint.pt'} is kept", code=3)
 
 
-class StopRequest:
-    """Ctrl-C or SIGTERM sets a flag; the loop finishes its step, saves a checkpoint, exits 130.
-    A second Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.requested = False
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-
 # ----------------------------------------------------------------------------- pictures
 def save_grid(path, images, nrow):
     """[0, 1] images -> one PNG; tiles under 64 px are enlarged (nearest) so they can be seen."""
@@ -595,18 +614,21 @@ def save_grid(path, images, nrow):
 
 @torch.no_grad()
 def save_pictures(out, model, test, device, latent_dim, kl_per_dim=None):
-    """recon.png, samples.png, interpolation.png, and traversals.png when kl_per_dim is given."""
+    """recon.png, samples.png, interpolation.png, and traversals.png when kl_per_dim is given.
+    Works for any number of test images: up to 32 in recon.png, up to 8 pairs interpolated."""
     model.eval()
     decode = lambda z: model.to_unit(model.decoder(z))  # noqa: E731  mean image in [0, 1]
-    x = test[:32].to(device)
+    cols = min(8, len(test))
+    x = test[:cols * min(4, len(test) // cols)].to(device)  # whole rows of `cols` images
     mu, _ = model.encoder(to_model_range(x, model.recon))
     originals, recons = x.float() / 255, decode(mu)
-    rows = torch.stack([originals.view(4, 8, *x.shape[1:]), recons.view(4, 8, *x.shape[1:])], 1)
-    save_grid(out / "recon.png", rows.flatten(0, 2), nrow=8)  # originals above their reconstructions
+    rows = torch.stack([originals.view(-1, cols, *x.shape[1:]), recons.view(-1, cols, *x.shape[1:])], 1)
+    save_grid(out / "recon.png", rows.flatten(0, 2), nrow=cols)  # originals above their reconstructions
     noise = torch.randn(64, latent_dim, generator=torch.Generator().manual_seed(0)).to(device)  # fixed
     save_grid(out / "samples.png", decode(noise), nrow=8)
     t = torch.linspace(0, 1, 10, device=device).view(1, -1, 1)
-    path = (1 - t) * mu[:8, None] + t * mu[8:16, None]  # (8 pairs, 10 steps, D) straight lines in z
+    ends = mu.roll(-len(mu) // 2, 0)  # image i -> image i + n/2
+    path = (1 - t) * mu[:8, None] + t * ends[:8, None]  # (pairs, 10 steps, D) straight lines in z
     save_grid(out / "interpolation.png", decode(path.flatten(0, 1)), nrow=10)
     if kl_per_dim is not None:  # one row per latent dim, most informative first; dim swept over -3..3
         order = torch.tensor(kl_per_dim).argsort(descending=True)

@@ -67,10 +67,15 @@ def assert_clean_error(stderr, *fragments):
 
 
 def assert_rejected(script, *args, mentions):
-    """Running `script args` exits 2 with one clean error line that mentions `mentions`."""
+    """Running `script args` exits 2 with no traceback and an error line that mentions `mentions`:
+    our own one-line `error:`, or argparse's usage followed by `<script>.py: error: ...`."""
     result = run_cli(script, *args)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert_clean_error(result.stderr, mentions)
+    if result.stderr.startswith("usage:"):
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"{script}.py: error:") and mentions in last and "Traceback" not in result.stderr
+    else:
+        assert_clean_error(result.stderr, mentions)
 
 
 @pytest.fixture(scope="session")

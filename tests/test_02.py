@@ -58,6 +58,10 @@ def test_kl_follows_capacity_and_carries_information(run02):
     assert rows[-1]["kl"] == pytest.approx(12.0, abs=2.0)
     # KL that tracks C could still be an information-free offset; the code must actually be used.
     assert summary["active_units"] >= 2
+    # The centring closes the offset route: in training the batch mean of mu is 0, so none of the
+    # logged KL is offset; at test time (BatchNorm's running statistics) only a trace of it.
+    assert max(r["kl_offset"] for r in rows) < 1e-6
+    assert summary["test_kl_offset"] < 0.05 * summary["test_kl"]
     _, test, _ = common.make_shapes(50_000, 5_000, 32, seed=1234)
     x = common.to_model_range(test)
     assert summary["test_recon"] < 0.8 * (x - x.mean(0)).pow(2).flatten(1).sum(1).mean().item()

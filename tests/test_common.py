@@ -1,9 +1,12 @@
-"""common.py against independent computations: the KL, the reparameterization, the shapes data,
-the sharpness measure, evaluation, batching, logs, checkpoints and the data loaders' errors."""
+"""common.py against independent computations: the KL, the reparameterization, the mu centring,
+the shapes data, the spectrum measures, evaluation, pictures, batching, logs, checkpoints and the
+data loaders (MNIST padding, CelebA crop, errors)."""
 import math
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence as torch_kl
 
 import common
@@ -44,6 +47,18 @@ def test_encoder_clamps_logvar():
         enc.to_logvar.bias[:] = 50.0
     _, logvar = enc(torch.zeros(2, 1, 32, 32))
     assert logvar.max().item() == 10.0
+
+
+def test_centred_mu_has_batch_mean_zero_and_no_offset_route():
+    # 02-04: mu = W BatchNorm(h) with no bias after the centring, so in training the batch mean of mu
+    # is 0 whatever the weights: no shift of all codes at once, which would buy KL without information.
+    torch.manual_seed(0)
+    enc = common.Encoder(1, 32, 6, 8, centre_mu=True)
+    assert enc.to_mu[1].bias is None
+    with torch.no_grad():
+        enc.features[-2].bias += 3.0  # strongly positive features, as ReLU features tend to be
+    mu, _ = enc(torch.rand(64, 1, 32, 32) * 2 - 1)
+    assert (mu.mean(0).abs() < 1e-3 * mu.std(0)).all()  # 0 up to float32 rounding
 
 
 @pytest.mark.parametrize("size,channels", [(32, 1), (32, 3), (64, 1), (64, 3)])
@@ -123,21 +138,44 @@ def test_shape_factors_drive_the_pixels():
     assert flat.any(0).sum() > 1.5 * flat.any(1).sum() and tall.any(1).sum() > 1.5 * tall.any(0).sum()
 
 
-# ----------------------------------------------------------------------------- sharpness and evaluation
-def test_high_freq_power_against_known_images():
-    assert common.high_freq_power(torch.full((1, 1, 8, 8), 0.7)).item() == pytest.approx(0.0, abs=1e-6)
-    ij = torch.arange(8)
-    checker = ((ij.view(-1, 1) + ij.view(1, -1)) % 2).float().view(1, 1, 8, 8) * 2 - 1  # all power at (0.5, 0.5)
-    assert common.high_freq_power(checker).item() == pytest.approx(64.0 ** 2, rel=1e-5)  # Parseval: |F|^2 = N^2
-    slow = torch.cos(2 * math.pi * ij / 8).float().view(1, 1, 1, 8).expand(1, 1, 8, 8)  # 1/8 cycle per pixel
-    assert common.high_freq_power(slow).item() == pytest.approx(0.0, abs=1e-6)
+# ----------------------------------------------------------------------------- spectra and evaluation
+def reference_spectrum_metrics(recon, data):
+    """hf_power_ratio and spectrum_error with numpy and plain loops over the frequencies."""
+    h = data.shape[-1]
+    power = [(np.abs(np.fft.fft2(t.numpy().astype(np.float64))) ** 2).sum((0, 1)) for t in (recon, data)]
+    high, rings = [0.0, 0.0], [np.zeros(h // 2 + 1), np.zeros(h // 2 + 1)]
+    for i in range(h):
+        for j in range(h):
+            radius = math.hypot(min(i, h - i) / h, min(j, h - j) / h)  # cycles per pixel
+            for k in (0, 1):
+                high[k] += power[k][i, j] if radius > 0.25 else 0.0
+                if 1 <= round(radius * h) <= h // 2:
+                    rings[k][round(radius * h)] += power[k][i, j]
+    error = np.mean([abs(math.log10(rings[0][r]) - math.log10(rings[1][r])) for r in range(1, h // 2 + 1)])
+    return high[0] / high[1], error
+
+
+def test_spectrum_metrics_against_loops_and_for_blur_and_noise():
+    torch.manual_seed(0)
+    data = torch.rand(6, 3, 16, 16)
+    blurred = F.avg_pool2d(data, 3, stride=1, padding=1, count_include_pad=False)
+    noisy = data + 0.3 * torch.randn_like(data)
+    got = {}
+    for name, recon in [("same", data), ("double", 2 * data), ("blurred", blurred), ("noisy", noisy)]:
+        got[name] = common.spectrum_metrics(common.power_spectrum(recon), common.power_spectrum(data))
+        assert got[name] == pytest.approx(reference_spectrum_metrics(recon, data), rel=1e-6, abs=1e-9), name
+    assert got["same"] == pytest.approx((1.0, 0.0), abs=1e-9)
+    assert got["double"] == pytest.approx((4.0, math.log10(4)), rel=1e-6)  # power x4 at every frequency
+    # The high-frequency power ratio calls noise "sharper" than the data; spectrum_error punishes both.
+    assert got["blurred"][0] < 0.5 and got["noisy"][0] > 1.5
+    assert got["blurred"][1] > 0.1 and got["noisy"][1] > 0.1
 
 
 def test_evaluate_against_direct_computation():
     torch.manual_seed(0)
 
     class Args:
-        seed, no_amp = 0, True
+        seed, amp, dataset = 0, False, "shapes"
     model = common.VAE(1, 32, 4, 8)
     test = (torch.rand(300, 1, 32, 32) * 255).to(torch.uint8)
     model(test[:64].float() / 127.5 - 1)  # one training-mode pass, so the running statistics are not the defaults
@@ -155,8 +193,11 @@ def test_evaluate_against_direct_computation():
     assert metrics["test_kl"] == pytest.approx(kl.sum(1).mean().item(), rel=1e-4)
     assert metrics["kl_per_dim"] == pytest.approx(kl.mean(0).tolist(), rel=1e-4)
     assert metrics["active_units"] == int((mu_ref.var(0) > 0.01).sum())
-    ratio = common.high_freq_power(recon) / common.high_freq_power(test.float() / 255)
-    assert metrics["sharpness"] == pytest.approx(ratio.item(), rel=1e-3)
+    expected = common.spectrum_metrics(common.power_spectrum(recon), common.power_spectrum(test.float() / 255))
+    assert (metrics["hf_power_ratio"], metrics["spectrum_error"]) == pytest.approx(expected, rel=1e-3)
+    assert metrics["test_kl_offset"] == pytest.approx(0.5 * mu_ref.mean(0).pow(2).sum().item(), rel=1e-4)
+    channel = 0.5 * torch.log(1 + mu_ref.var(0) / logvar_ref.exp().mean(0))  # per dim, nats
+    assert metrics["test_channel_nats"] == pytest.approx(channel.sum().item(), rel=1e-4)
     torch.testing.assert_close(mu, mu_ref)
 
 
@@ -262,12 +303,54 @@ def test_celeba_layout_and_cache(tmp_path, capsys):
     (tmp_path / "celeba" / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
     train, test = common.load_celeba(tmp_path, 64)
     assert train.shape == (3, 3, 64, 64) and test.shape == (1, 3, 64, 64)  # split 1 (validation) unused
-    assert (tmp_path / "celeba" / "cache_64.pt").exists()
+    assert list(tmp_path.glob("celeba/cache_64*.pt"))
     assert torch.equal(common.load_celeba(tmp_path, 64)[0], train)
     with pytest.raises(SystemExit) as e:
         common.load_celeba(tmp_path / "nowhere", 64)
     assert e.value.code == 2
     assert_clean_error(capsys.readouterr().err, "list_eval_partition.txt", "img_align_celeba")
+
+
+def test_celeba_crop_is_the_148_px_box_at_the_centre(tmp_path):
+    # The customary crop: a 148 x 148 box at the centre of the 178 x 218 image, then resized. A frame
+    # drawn just outside that box must not show; one just inside must.
+    from PIL import Image, ImageDraw
+    folder = tmp_path / "celeba" / "img_align_celeba"
+    folder.mkdir(parents=True)
+    img = Image.new("RGB", (178, 218), (0, 0, 0))
+    draw = ImageDraw.Draw(img)
+    left, top = (178 - 148) // 2, (218 - 148) // 2  # 15, 35
+    draw.rectangle((left - 6, top - 6, left + 153, top + 153), outline=(255, 0, 0), width=5)  # outside
+    draw.rectangle((left, top, left + 147, top + 147), outline=(0, 255, 0), width=8)  # inside, at the edge
+    img.save(folder / "000001.jpg", format="PNG")  # lossless, whatever the name says
+    img.save(folder / "000002.jpg", format="PNG")
+    (tmp_path / "celeba" / "list_eval_partition.txt").write_text("000001.jpg 0\n000002.jpg 2\n")
+    train, _ = common.load_celeba(tmp_path, 64)
+    assert train[0, 0].max() < 40  # no red: the frame outside the box is cut away
+    assert train[0, 1, 1].float().mean() > 150 and train[0, 1, :, 1].float().mean() > 150  # green edge kept
+
+
+def test_mnist_is_padded_with_a_zero_border_keeping_every_pixel(tmp_path, monkeypatch):
+    import gzip
+    import argparse
+    import torchvision.datasets.mnist as tv_mnist
+    monkeypatch.setattr(tv_mnist, "download_and_extract_archive", no_network)
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = torch.randint(1, 256, (2, 3, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for split, imgs in zip(["train", "t10k"], images):
+        header = (2051).to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in imgs.shape)
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(header + imgs.numpy().tobytes())
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes((2049).to_bytes(4, "big") + (3).to_bytes(4, "big") + bytes(3))
+    args = argparse.Namespace(dataset="mnist", data_dir=str(tmp_path), image_size=32)
+    train, test, _ = common.load_data(args)
+    assert train.shape == (3, 1, 32, 32)
+    assert torch.equal(train[:, 0, 2:30, 2:30], images[0]) and torch.equal(test[:, 0, 2:30, 2:30], images[1])
+    border = train.clone()
+    border[:, :, 2:30, 2:30] = 0
+    assert border.sum() == 0
+    assert torch.equal(common.original_pixels(train, "mnist"), images[0].unsqueeze(1))
+    assert common.original_pixels(train, "cifar10").shape == train.shape
 
 
 def test_failed_download_exits_2_saying_where_to_put_files(tmp_path, capsys, monkeypatch):
@@ -317,7 +400,31 @@ def test_recalibrate_batchnorm_gives_the_exact_feature_statistics():
     with torch.no_grad():
         h = model.encoder.features(common.to_model_range(images))
     assert torch.allclose(bn.running_mean, h.mean(0), atol=1e-5)
-    # the average of three unbiased batch variances, each over 200 images
-    expected_var = torch.stack([c.var(0) for c in h.split(200)]).mean(0)
+    # the average of three unbiased batch variances, each over 200 images in the seeded random order
+    order = torch.randperm(600, generator=torch.Generator().manual_seed(0))
+    expected_var = torch.stack([c.var(0) for c in h[order].split(200)]).mean(0)
     assert torch.allclose(bn.running_var, expected_var, rtol=1e-4, atol=1e-7)
     assert not model.training and bn.momentum == 0.1
+
+
+def test_recalibrate_batchnorm_samples_the_whole_training_set():
+    # A folder's images come sorted by path; the statistics must not come from its first part only.
+    torch.manual_seed(0)
+    model = common.VAE(1, 32, 4, 8, "mse", centre_mu=True)
+    images = torch.cat([torch.zeros(500, 1, 32, 32), torch.full((500, 1, 32, 32), 255.0)]).to(torch.uint8)
+    common.recalibrate_batchnorm(model, images, batch_size=100, max_images=400)
+    with torch.no_grad():
+        h = model.encoder.features(common.to_model_range(images))
+    bn = model.encoder.to_mu[0]
+    first, whole = h[:500].mean(0), h.mean(0)
+    assert (bn.running_mean - whole).norm() < 0.3 * (first - whole).norm()
+
+
+@pytest.mark.parametrize("n_test", [1, 2, 10, 33])
+def test_pictures_for_any_number_of_test_images(tmp_path, n_test):
+    torch.manual_seed(0)
+    model = common.VAE(3, 32, 4, 8, "mse")
+    test = torch.randint(0, 256, (n_test, 3, 32, 32), dtype=torch.uint8)
+    common.save_pictures(tmp_path, model, test, torch.device("cpu"), 4, kl_per_dim=[0.1, 2.0, 0.5, 1.0])
+    for name in ["recon.png", "samples.png", "interpolation.png", "traversals.png"]:
+        assert (tmp_path / name).stat().st_size > 0, name
