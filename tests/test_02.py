@@ -127,7 +127,7 @@ def test_factor_information_finds_the_dim_that_holds_each_factor():
 
 
 def test_pixel_spectrum_recovers_known_variances():
-    from tests.pixel_spectrum import leading_variances
+    from tools.pixel_spectrum import leading_variances
     g = torch.Generator().manual_seed(0)
     a, b = [torch.randint(0, 2, (4000, 1), generator=g).double() * 2 - 1 for _ in range(2)]  # +-1 each
     p1, p2 = torch.tensor([[1.0, 1, 1, 1]]) / 2, torch.tensor([[1.0, -1, 1, -1]]) / 2  # orthonormal pixel patterns
@@ -137,7 +137,7 @@ def test_pixel_spectrum_recovers_known_variances():
 
 
 def test_position_code_tells_a_loop_from_a_line():
-    from tests.position_code import curve_shape
+    from tools.position_code import curve_shape
     g = torch.Generator().manual_seed(0)
     values = torch.randint(0, 32, (6400,), generator=g)
     angle = 2 * math.pi * 0.8 * values / 31  # 0.8 of a circle, 288 degrees, over the 32 positions
@@ -152,8 +152,8 @@ def test_position_code_tells_a_loop_from_a_line():
 
 
 def test_position_code_reads_a_run_folder(run02):
-    from tests.position_code import curve_shape
-    result = subprocess.run([sys.executable, "-m", "tests.position_code", str(run02)], cwd=ROOT,
+    from tools.position_code import curve_shape
+    result = subprocess.run([sys.executable, "-m", "tools.position_code", str(run02)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     pattern = r"(\d+)% of its variance in one direction, (\d+)% in two; in that plane it turns (\d+) degrees"
@@ -169,7 +169,7 @@ def test_position_code_reads_a_run_folder(run02):
 def test_position_code_refuses_a_run_without_true_factors(tmp_path):
     common.save_checkpoint(tmp_path / "checkpoint.pt", script="02_burgess_capacity", model={},
                            args={"dataset": "fashion-mnist", "image_size": 32, "latent_dim": 10, "width": 32})
-    result = subprocess.run([sys.executable, "-m", "tests.position_code", str(tmp_path)], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "tools.position_code", str(tmp_path)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert_clean_error(result.stderr, "fashion-mnist run", "only for shapes")

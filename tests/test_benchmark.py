@@ -1,4 +1,4 @@
-"""tests/benchmark.py measures what it says: the outside-the-model timer counts exactly the steps of
+"""tools/benchmark.py measures what it says: the outside-the-model timer counts exactly the steps of
 its window and finds a delay planted in the data path; the conventional baseline sees the same
 pixels as our loop; the quality comparison's -ELBO is the textbook formula. No speed thresholds."""
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import common
-from tests import benchmark
+from tools import benchmark
 
 
 def _measure(monkeypatch, tmp_path, delay):

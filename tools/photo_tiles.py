@@ -1,7 +1,7 @@
 """Real photos for the `folder` data set, offline: square crops of the photos that scikit-image
 ships (not a requirement of the scripts; `pip install scikit-image` for this tool only).
 
-    python -m tests.photo_tiles data/photo_tiles
+    python -m tools.photo_tiles data/photo_tiles
     python 01_vanilla_vae.py --dataset folder --data-dir data/photo_tiles --epochs 30
 
 Each photo gives --crops crops at random places, with sides between a quarter and a half of the
@@ -10,12 +10,11 @@ Grey photos stay grey (the folder loader converts every image to RGB). The test 
 file) holds other crops of the same photos, so it measures fitting, not generalisation to new photos.
 """
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for common
+from tools import ROOT  # noqa: F401,E402  also puts the repository root on sys.path
 import common  # noqa: E402
 
 # Photographs only: scikit-image also ships drawings and test patterns (logo, checkerboard, phantom).

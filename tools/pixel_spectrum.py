@@ -1,8 +1,8 @@
 """How unequal are a data set's most important directions? The variances of its leading principal
 components (pixels in [0, 1], 20,000 training images), each divided by the first.
 
-    python -m tests.pixel_spectrum                                   # shapes, 64 px
-    python -m tests.pixel_spectrum --dataset fashion-mnist --data-dir data
+    python -m tools.pixel_spectrum                                   # shapes, 64 px
+    python -m tools.pixel_spectrum --dataset fashion-mnist --data-dir data
 
 02 uses it to explain its switch-on steps: at small capacity a VAE spends its nats much as PCA
 would, on the directions of largest variance. A steep spectrum (one direction far ahead of the
@@ -10,12 +10,11 @@ next) lets the dims switch on one at a time; a flat one, with near-equal varianc
 switch on together.
 """
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for common
+from tools import ROOT  # noqa: F401,E402  also puts the repository root on sys.path
 import common  # noqa: E402
 
 

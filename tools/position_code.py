@@ -1,7 +1,7 @@
 """How does a shapes run code the sprite's position? For pos_x and pos_y, take the curve of mean
 codes E[mu | position] over the 32 positions and measure its shape.
 
-    python -m tests.position_code runs/02_burgess_capacity/shapes-<time>    # any 01-04 shapes run
+    python -m tools.position_code runs/02_burgess_capacity/shapes-<time>    # any 01-04 shapes run
 
 A position coded along one direction of z (one dim, or one mix of dims) draws a straight line:
 the first direction holds nearly all of the curve's variance. A position coded as a loop through
@@ -16,8 +16,25 @@ from pathlib import Path
 
 import torch
 
-from tests.conftest import checkpoint_codes  # also puts the repository root on sys.path
-import common  # importable once the line above has set sys.path
+from tools import ROOT  # noqa: F401  also puts the repository root on sys.path
+import common  # noqa: E402
+
+
+def checkpoint_codes(out):
+    """(mu, true factors) of the shapes test images, recomputed from the run's checkpoint.pt: an
+    independent path to the codes that a script's summary.json scores (MIG, switch_on)."""
+    state = common.load_checkpoint(Path(out) / "checkpoint.pt")
+    a = dict({"recon": "mse"}, **state["args"])  # 03-04 have no --recon: always the Gaussian (MSE) likelihood
+    if a["dataset"] != "shapes":
+        common.fail(f"{out} is a {a['dataset']} run; the true factors are known only for shapes")
+    _, test, factors = common.load_data(argparse.Namespace(dataset="shapes", image_size=a["image_size"]))  # the run's own test set
+    centre = any("to_mu.0.running_mean" in k for k in state["model"])  # 02-04 centre mu's inputs
+    model = common.VAE(1, a["image_size"], a["latent_dim"], a["width"], a["recon"], centre_mu=centre)
+    model.load_state_dict(state["model"])
+    model.eval()
+    with torch.no_grad():
+        mu = torch.cat([model.encoder(common.to_model_range(chunk, a["recon"]))[0] for chunk in test.split(500)])
+    return mu, factors
 
 
 def curve_shape(mu, values, n_values):

@@ -2,8 +2,8 @@
 outside forward, backward and optimizer steps, and a conventional DataLoader loop for comparison.
 Not part of the default test run (it measures time, which tests must not assert on).
 
-    python -m tests.benchmark                        # CPU (or --device cuda), 32 and 64 px, ~7 min on 2 cores
-    python -m tests.benchmark --quality --data-dir data   # + Fashion-MNIST: 01 vs an MLP VAE, ~5 min more
+    python -m tools.benchmark                        # CPU (or --device cuda), 32 and 64 px, ~7 min on 2 cores
+    python -m tools.benchmark --quality --data-dir data   # + Fashion-MNIST: 01 vs an MLP VAE, ~5 min more
 
 How "outside" is measured: the loop's non-model work - cutting the batch (common.Batches), the
 conversion to [-1, 1], adding loss terms to the running means, writing metric rows, the progress
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import tqdm
 
-from tests.conftest import load_script  # also puts the repository root on sys.path
-import common  # importable once the line above has set sys.path
+from tools import load_script  # also puts the repository root on sys.path
+import common  # noqa: E402
 
 SCRIPTS = ["01_vanilla_vae", "02_burgess_capacity", "03_lpips_frozen", "04_vae_gan_warmup"]
 EXTRA_FLAGS = {"03_lpips_frozen": ["--lpips-random-backbone"],  # same compute as the ImageNet backbone
