@@ -124,7 +124,8 @@ def main(argv=None):
           f"{total_steps} steps on {device}, output in {out}")
 
     model = common.VAE(train.shape[1], args.image_size, args.latent_dim, args.width, args.recon,
-                       channel_mean=common.channel_mean(train)).to(device)
+                       channel_mean=common.channel_mean(train),
+                       spatial=args.latent == "spatial").to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     running, start_step = common.RunningMeans(), 0
     if args.resume:
@@ -151,7 +152,7 @@ def main(argv=None):
         # Reconstruction summed over pixels, KL summed over latent dims, both averaged over the batch:
         # loss = E_x[ -log p(x|z) + beta_t * sum_i max(free_bits, KL_i) ]   (nats per image)
         recon = recon_loss(raw.float(), x, args.recon, args.decoder_std).mean()
-        kl_per_dim = common.kl_divergence(mu, logvar).mean(0)  # (D,) nats
+        kl_per_dim = common.kl_per_dim(mu, logvar)  # (D,) nats
         loss = recon + beta * kl_penalty(kl_per_dim, args.free_bits)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -196,7 +197,7 @@ def main(argv=None):
     if test_factors is not None:  # shapes knows its true factors: MIG (histogram estimate on mu), 02 compares
         summary["mig"], summary["mig_per_factor"] = common.mutual_information_gap(mu, test_factors[:len(mu)])
     common.write_json(out / "summary.json", summary)
-    common.save_pictures(out, model, test, device, args.latent_dim)
+    common.save_pictures(out, model, test, device)
     common.save_curves(out / "curves.png", log.rows, [("loss (nats/image)", ["loss"]), ("reconstruction", ["recon"]),
                                                      ("KL (nats/image)", ["kl", "kl_offset"]), ("KL weight", ["beta"])])
     print(f"test: recon {metrics['test_recon']:.1f}  KL {metrics['test_kl']:.2f} nats  PSNR {metrics['test_psnr_db']:.2f} dB  "

@@ -65,7 +65,8 @@ def parse_args(argv=None):
     parser = common.base_parser(SCRIPT, __doc__, epochs=1)
     parser.add_argument("--gamma", type=float, default=100.0,
                         help="weight of |KL - C|; large, so the KL must follow C (default: 100)")
-    parser.add_argument("--capacity-max", type=float, default=25.0, help="final capacity C_max, nats (default: 25)")
+    parser.add_argument("--capacity-max", type=float, default=None,
+                        help="final capacity C_max, nats (default: 25; for a code map, see common.default_capacity)")
     parser.add_argument("--capacity-steps", type=int, default=500,
                         help="optimizer steps over which C rises from 0 to C_max (default: 500)")
     parser.add_argument("--lpips-weight", type=float, default=1.0,
@@ -77,6 +78,7 @@ def parse_args(argv=None):
     parser.add_argument("--unfreeze-lpips", action="store_true",
                         help="train LPIPS's lin heads too, to reproduce the incident (default: off)")  # NEW
     args = common.parse_args(parser, argv)
+    args.capacity_max = common.default_capacity(args) if args.capacity_max is None else args.capacity_max
     if args.gamma < 0 or args.capacity_max < 0 or args.capacity_steps < 0 or args.lpips_weight < 0:
         common.fail("--gamma, --capacity-max, --capacity-steps and --lpips-weight must not be negative")
     return args
@@ -147,7 +149,8 @@ def main(argv=None):
           f"{total_steps} steps on {device}, LPIPS-{args.lpips_net} ({backbone} backbone), output in {out}")
 
     model = common.VAE(train.shape[1], args.image_size, args.latent_dim, args.width, "mse",
-                       channel_mean=common.channel_mean(train), centre_mu=True).to(device)  # centre_mu: see 02
+                       channel_mean=common.channel_mean(train), centre_mu=True,  # centre_mu: see 02
+                       spatial=args.latent == "spatial").to(device)
     trained = list(model.parameters())
     if args.unfreeze_lpips:  # NEW: the incident, on purpose: the lin heads join the optimizer
         perceptual.lins.requires_grad_(True)
@@ -189,7 +192,7 @@ def main(argv=None):
         with common.autocast(device, args):
             raw, mu, logvar = train_model(x)
         recon = recon_loss(raw.float(), x).mean()  # summed over pixels, averaged over the batch
-        kl_per_dim = common.kl_divergence(mu, logvar).mean(0)  # (D,) nats
+        kl_per_dim = common.kl_per_dim(mu, logvar)  # (D,) nats
         # NEW: LPIPS of each image (B,), in fp32, inputs in [-1, 1]; scaled by P = C*H*W (see the docstring)
         perceptual_per_image = lpips_distance(perceptual, torch.tanh(raw.float()), x)
         pixels = x[0].numel()
@@ -254,7 +257,7 @@ def main(argv=None):
     if test_factors is not None:
         summary["mig"], summary["mig_per_factor"] = common.mutual_information_gap(mu, test_factors[:len(mu)])
     common.write_json(out / "summary.json", summary)
-    common.save_pictures(out, model, test, device, args.latent_dim, kl_per_dim=metrics["kl_per_dim"])
+    common.save_pictures(out, model, test, device, kl_per_dim=metrics["kl_per_dim"])
     marks = {"LPIPS incident": min(incident)} if incident else None
     common.save_curves(out / "curves.png", log.rows, [("reconstruction (sum sq. error)", ["recon"]),
                                                      (f"LPIPS ({backbone} backbone)", ["lpips"]),

@@ -70,7 +70,8 @@ def parse_args(argv=None):
     parser = common.base_parser(SCRIPT, __doc__, epochs=2)
     parser.add_argument("--gamma", type=float, default=100.0,
                         help="weight of |KL - C|; large, so the KL must follow C (default: 100)")
-    parser.add_argument("--capacity-max", type=float, default=25.0, help="final capacity C_max, nats (default: 25)")
+    parser.add_argument("--capacity-max", type=float, default=None,
+                        help="final capacity C_max, nats (default: 25; for a code map, see common.default_capacity)")
     parser.add_argument("--capacity-steps", type=int, default=500,
                         help="optimizer steps over which C rises from 0 to C_max (default: 500)")
     parser.add_argument("--lpips-weight", type=float, default=1.0,
@@ -92,6 +93,7 @@ def parse_args(argv=None):
     parser.add_argument("--grad-clip", type=float, default=0.0,
                         help="clip the VAE's gradient norm to this, 0 = off (default: 0)")  # NEW
     args = common.parse_args(parser, argv)
+    args.capacity_max = common.default_capacity(args) if args.capacity_max is None else args.capacity_max
     if args.disc_start != "auto":
         try:
             args.disc_start = int(args.disc_start)
@@ -259,7 +261,8 @@ def main(argv=None):
           f"D starts at {args.disc_start}, output in {out}")
 
     model = common.VAE(train.shape[1], args.image_size, args.latent_dim, args.width, "mse",
-                       channel_mean=common.channel_mean(train), centre_mu=True).to(device)  # centre_mu: see 02
+                       channel_mean=common.channel_mean(train), centre_mu=True,  # centre_mu: see 02
+                       spatial=args.latent == "spatial").to(device)
     disc = PatchDiscriminator(train.shape[1], args.width, spectral_norm=not args.no_spectral_norm).to(device)  # NEW
     if any(p.requires_grad for p in perceptual.parameters()):
         raise RuntimeError("an LPIPS parameter still requires grad")
@@ -308,7 +311,7 @@ def main(argv=None):
             raw, mu, logvar = train_model(x)
         reconstruction = torch.tanh(raw.float())
         recon = recon_loss(raw.float(), x).mean()  # summed over pixels, averaged over the batch
-        kl_per_dim = common.kl_divergence(mu, logvar).mean(0)  # (D,) nats
+        kl_per_dim = common.kl_per_dim(mu, logvar)  # (D,) nats
         perceptual_per_image = lpips_distance(perceptual, reconstruction, x)
         rec_loss = recon + args.lpips_weight * x[0].numel() * perceptual_per_image.mean()  # L_rec of the docstring
         loss = rec_loss + args.gamma * (kl_per_dim.sum() - target).abs()
@@ -408,7 +411,7 @@ def main(argv=None):
     if test_factors is not None:
         summary["mig"], summary["mig_per_factor"] = common.mutual_information_gap(mu, test_factors[:len(mu)])
     common.write_json(out / "summary.json", summary)
-    common.save_pictures(out, model, test, device, args.latent_dim, kl_per_dim=metrics["kl_per_dim"])
+    common.save_pictures(out, model, test, device, kl_per_dim=metrics["kl_per_dim"])
     marks = {"D starts": disc_start_step} if disc_start_step is not None and disc_start_step <= total_steps else None
     common.save_curves(out / "curves.png", log.rows, [("reconstruction (sum sq. error)", ["recon"]),
                                                      (f"LPIPS ({backbone} backbone)", ["lpips"]),

@@ -43,7 +43,11 @@ def base_parser(script, doc, epochs):
     p.add_argument("--max-steps", type=int, default=0, help="cap on optimizer steps, 0 = no cap (default: 0)")
     p.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
-    p.add_argument("--latent-dim", type=int, default=None, help="(default: 10; 64 for cifar10, celeba, folder)")
+    p.add_argument("--latent", choices=["vector", "spatial"], default=None,
+                   help="one code vector per image, or a map of codes, one per 4 x 4 pixel patch "
+                        "(default: spatial for cifar10, celeba, folder; vector otherwise)")
+    p.add_argument("--latent-dim", type=int, default=None,
+                   help="dims of the code vector, or channels of the code map (default: 10 vector, 4 spatial)")
     p.add_argument("--width", type=int, default=32, help="channels of the first conv; 64-128 on a GPU (default: 32)")
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="(default: auto)")
@@ -51,7 +55,7 @@ def base_parser(script, doc, epochs):
     p.add_argument("--resume", default=None, help="continue the run saved in this checkpoint.pt (default: none)")
     p.add_argument("--log-every", type=int, default=50, help="steps between metric rows (default: 50)")
     p.add_argument("--amp", action="store_true",
-                   help="bf16 autocast on CUDA; slower than float32 for these small models on an H200 (default: off)")
+                   help="bf16 autocast on CUDA; for models this small it has not paid off (default: off)")
     p.add_argument("--compile", action="store_true", help="wrap the model in torch.compile (default: off)")
     return p
 
@@ -72,7 +76,9 @@ def parse_args(parser, argv=None):
         args = argparse.Namespace(**merged)
     big = args.dataset in ("shapes", "celeba", "folder")
     args.image_size = args.image_size or (64 if big else 32)
-    args.latent_dim = args.latent_dim or (64 if args.dataset in ("cifar10", "celeba", "folder") else 10)
+    photos = args.dataset in ("cifar10", "celeba", "folder")
+    args.latent = args.latent or ("spatial" if photos else "vector")
+    args.latent_dim = args.latent_dim or (4 if args.latent == "spatial" else 64 if photos else 10)
     for name, low in [("epochs", 1), ("batch_size", 2), ("latent_dim", 1), ("width", 1),
                       ("log_every", 1), ("max_steps", 0)]:
         if getattr(args, name) < low:
@@ -215,18 +221,27 @@ def read_image(path, size, box=None):
     return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
 
 
-def load_folder(root, size):
-    root = Path(root)
-    if not root.is_dir():
-        fail(f"image folder {root} does not exist; pass --data-dir with a folder of images")
+def read_folder(root, size, need):
+    """Every image below `root`, sorted by path -> uint8 (N, 3, size, size); unreadable files skipped."""
     paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     images = [read_image(p, size) for p in paths]
     good = [x for x in images if x is not None]
-    if len(good) < 2:
-        fail(f"found {len(good)} readable images ({', '.join(sorted(IMAGE_EXTENSIONS))}) below {root}; need at least 2")
-    print(f"folder: {len(good)} images read, {len(images) - len(good)} unreadable files skipped")
-    is_test = torch.arange(len(good)) % 10 == 0  # a fixed 10% held out: every tenth file in sorted order
-    images = torch.stack(good)
+    if len(good) < need:
+        fail(f"found {len(good)} readable images ({', '.join(sorted(IMAGE_EXTENSIONS))}) below {root}; need at least {need}")
+    print(f"folder {root}: {len(good)} images read, {len(images) - len(good)} unreadable files skipped")
+    return torch.stack(good)
+
+
+def load_folder(root, size):
+    """A folder with train/ and test/ inside is split that way; any other folder holds out every tenth
+    image (a fixed 10%)."""
+    root = Path(root)
+    if not root.is_dir():
+        fail(f"image folder {root} does not exist; pass --data-dir with a folder of images")
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return read_folder(root / "train", size, need=1), read_folder(root / "test", size, need=1)
+    images = read_folder(root, size, need=2)
+    is_test = torch.arange(len(images)) % 10 == 0  # every tenth file in sorted order
     return images[~is_test], images[is_test]
 
 
@@ -305,7 +320,8 @@ def to_model_range(x, recon="mse"):
 
 # ----------------------------------------------------------------------------- model blocks
 def stage_channels(image_size, width):
-    """Channels after each stride-2 stage, down to a 4x4 map: 64 px -> [w, w, 2w, 2w] (Burgess et al.)."""
+    """Channels after each stride-2 stage, down to a 4x4 map: 64 px -> [w, w, 2w, 2w], the encoder
+    layout of Higgins et al. 2017 (beta-VAE)."""
     n = int(math.log2(image_size)) - 2
     return [width * (1 if i < n // 2 else 2) for i in range(n)]
 
@@ -348,6 +364,54 @@ class Decoder(nn.Module):
         return self.conv_out(self.body(self.head(z)))
 
 
+SPATIAL_FACTOR = 4  # a spatial latent has one code per 4 x 4 pixel patch: 64 px images -> 16 x 16 codes
+
+
+CAPACITY_PER_VALUE = 1.5  # nats per value of a code map, for 02-04's default C_max
+
+
+def default_capacity(args):
+    """02-04's C_max in nats when --capacity-max is not given: 25 for a code vector (Burgess et al.);
+    for a code map, CAPACITY_PER_VALUE nats for each of its values (1,536 for 4 x 16 x 16 at 64 px),
+    since the information a map can carry grows with its number of values."""
+    if args.latent == "vector":
+        return 25.0
+    return CAPACITY_PER_VALUE * args.latent_dim * (args.image_size // SPATIAL_FACTOR) ** 2
+
+
+class SpatialEncoder(Encoder):
+    """x (B, C, H, W) -> mu, logvar (B, c, H/4, W/4). Convolutions only, so each code describes its own
+    patch and the code map keeps the image's layout, as in Stable Diffusion's KL autoencoders."""
+
+    def __init__(self, channels, latent_channels, width, centre_mu=False):
+        nn.Module.__init__(self)  # Encoder's forward, with these layers
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, width, 4, stride=2, padding=1), nn.ReLU(),  # (B, w, H/2, W/2)
+            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), nn.ReLU(),  # (B, 2w, H/4, W/4)
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU())
+        centre = nn.BatchNorm2d(2 * width, affine=False) if centre_mu else nn.Identity()  # as Encoder's
+        self.to_mu = nn.Sequential(centre, nn.Conv2d(2 * width, latent_channels, 1, bias=not centre_mu))
+        self.to_logvar = nn.Conv2d(2 * width, latent_channels, 1)  # (B, c, H/4, W/4)
+
+
+class SpatialDecoder(nn.Module):
+    """z (B, c, H/4, W/4) -> raw output (B, C, H, W). It upsamples by repeating pixels and then
+    convolving, as Stable Diffusion's decoder does: a strided transposed convolution would paint a
+    checkerboard, which a discriminator (04) then amplifies (Odena et al. 2016)."""
+
+    def __init__(self, channels, latent_channels, width):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(latent_channels, 2 * width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
+            nn.Upsample(scale_factor=2), nn.Conv2d(2 * width, width, 3, padding=1), nn.ReLU(),  # (B, w, H/2, W/2)
+            nn.Upsample(scale_factor=2))
+        self.conv_out = nn.Conv2d(width, channels, 3, padding=1)  # (B, C, H, W), no activation
+
+    def forward(self, z):
+        return self.conv_out(self.body(z))
+
+
 class VAE(nn.Module):
     """Encoder -> (mu, logvar); z = mu + sigma * eps; decoder -> raw output. The raw output is the
     Bernoulli logits for recon='bce', and pre-tanh for recon='mse' (tanh gives the Gaussian mean).
@@ -357,10 +421,17 @@ class VAE(nn.Module):
     dark, and on sparse images (shapes: 2% of pixels lit) that route can cut z off for good: we
     measured 0 active units after 3,124 steps, and no progress in 600 steps with the KL switched off."""
 
-    def __init__(self, channels, image_size, latent_dim, width, recon="mse", channel_mean=None, centre_mu=False):
+    def __init__(self, channels, image_size, latent_dim, width, recon="mse", channel_mean=None, centre_mu=False,
+                 spatial=False):
         super().__init__()
-        self.encoder = Encoder(channels, image_size, latent_dim, width, centre_mu=centre_mu)
-        self.decoder = Decoder(channels, image_size, latent_dim, width)
+        if spatial:  # latent_dim channels at each of (image_size / 4)^2 positions
+            self.encoder = SpatialEncoder(channels, latent_dim, width, centre_mu=centre_mu)
+            self.decoder = SpatialDecoder(channels, latent_dim, width)
+            self.latent_shape = (latent_dim, image_size // SPATIAL_FACTOR, image_size // SPATIAL_FACTOR)
+        else:
+            self.encoder = Encoder(channels, image_size, latent_dim, width, centre_mu=centre_mu)
+            self.decoder = Decoder(channels, image_size, latent_dim, width)
+            self.latent_shape = (latent_dim,)
         self.recon = recon
         if channel_mean is not None:
             m = torch.as_tensor(channel_mean, dtype=torch.float32).clamp(0.01, 0.99)
@@ -389,8 +460,16 @@ def reparameterize(mu, logvar, eps=None):
 
 
 def kl_divergence(mu, logvar):
-    """KL(N(mu, sigma^2) || N(0, 1)) per latent dim, nats: 0.5 * (mu^2 + sigma^2 - 1 - log sigma^2). (B, D)"""
+    """KL(N(mu, sigma^2) || N(0, 1)) of each latent value, nats: 0.5 * (mu^2 + sigma^2 - 1 - log sigma^2).
+    Elementwise: (B, D) for a code vector, (B, c, h, w) for a code map. (Kingma & Welling 2014, App. B)"""
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
+def kl_per_dim(mu, logvar):
+    """Batch-mean KL of each latent dim, nats, (D,). A code map's dim is a channel: its KL summed over
+    the positions."""
+    kl = kl_divergence(mu, logvar).mean(0)
+    return kl.reshape(len(kl), -1).sum(1)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -458,16 +537,16 @@ def evaluate(model, test, recon_loss, device, args, extra=None, max_images=10_00
             mu, logvar = model.encoder(x)
             eps = torch.randn(mu.shape, generator=noise).to(device)
             raw_sample, raw_mean = model.decoder(reparameterize(mu, logvar, eps)), model.decoder(mu)
-        kl = kl_divergence(mu, logvar)  # (B, D) nats
+        kl = kl_divergence(mu, logvar).flatten(2 if mu.dim() > 2 else 1)  # (B, D) or (B, c, h * w), nats
         recon = model.to_unit(raw_mean)
         original_only = lambda t: original_pixels(t, args.dataset)  # noqa: E731  MNIST without its border
-        per_image = {"test_recon": recon_loss(raw_sample.float(), x), "test_kl": kl.sum(1),
+        per_image = {"test_recon": recon_loss(raw_sample.float(), x), "test_kl": kl.flatten(1).sum(1),
                      "test_recon_original": recon_loss(original_only(raw_sample.float()), original_only(x)),
                      "test_mse": (recon - original).pow(2).flatten(1).mean(1)}
         per_image.update(extra(x, model.mean(raw_mean.float())) if extra else {})
         for k, v in per_image.items():
             sums[k] = sums.get(k, 0.0) + v.sum().item()
-        kl_sum = kl_sum + kl.sum(0)
+        kl_sum = kl_sum + kl.sum(0).reshape(kl.shape[1], -1).sum(1)  # (D,): per dim, or per channel
         power_recon, power_data = power_recon + power_spectrum(recon), power_data + power_spectrum(original)
         mus.append(mu.cpu())
         variances = variances + logvar.exp().sum(0).cpu()
@@ -475,7 +554,7 @@ def evaluate(model, test, recon_loss, device, args, extra=None, max_images=10_00
     metrics = {k: v / len(test) for k, v in sums.items()}
     mu = torch.cat(mus)
     metrics["test_psnr_db"] = 10 * math.log10(1.0 / max(metrics["test_mse"], 1e-12))
-    metrics["active_units"] = int((mu.var(0) > 0.01).sum())  # Cov_x(E_q[z_i|x]) > 0.01, Burda et al. 2016
+    metrics["active_units"] = int((mu.flatten(1).var(0) > 0.01).sum())  # Cov_x(E_q[z_i|x]) > 0.01, Burda et al. 2016
     metrics["kl_per_dim"] = (kl_sum / len(test)).tolist()
     # The part of the KL that a shift of every code by the same vector costs: KL without information.
     metrics["test_kl_offset"] = 0.5 * mu.mean(0).pow(2).sum().item()
@@ -509,7 +588,9 @@ def factor_information(mu, factors, bins=20):
 
 def mutual_information_gap(mu, factors, bins=20):
     """MIG (Chen et al. 2018): for each factor, the gap between the two latent dims that know most
-    about it (factor_information), averaged over factors -> (MIG, {factor name: gap}).
+    about it (factor_information), averaged over factors -> (MIG, {factor name: gap}). This is the
+    histogram estimate on the mean codes mu, as disentanglement_lib computes it, not Chen et al.'s
+    sampling estimator; on one short run a difference of 0.01 is noise, not a finding.
     1 = each factor read off one latent dim alone; 0 = no dim stands out."""
     top2 = factor_information(mu, factors, bins).topk(2, dim=0).values  # (2, K)
     gaps = {name: (top2[0, k] - top2[1, k]).item() for k, name in enumerate(SHAPE_FACTORS)}
@@ -613,7 +694,7 @@ def save_grid(path, images, nrow):
 
 
 @torch.no_grad()
-def save_pictures(out, model, test, device, latent_dim, kl_per_dim=None):
+def save_pictures(out, model, test, device, kl_per_dim=None):
     """recon.png, samples.png, interpolation.png, and traversals.png when kl_per_dim is given.
     Works for any number of test images: up to 32 in recon.png, up to 8 pairs interpolated."""
     model.eval()
@@ -624,16 +705,16 @@ def save_pictures(out, model, test, device, latent_dim, kl_per_dim=None):
     originals, recons = x.float() / 255, decode(mu)
     rows = torch.stack([originals.view(-1, cols, *x.shape[1:]), recons.view(-1, cols, *x.shape[1:])], 1)
     save_grid(out / "recon.png", rows.flatten(0, 2), nrow=cols)  # originals above their reconstructions
-    noise = torch.randn(64, latent_dim, generator=torch.Generator().manual_seed(0)).to(device)  # fixed
+    noise = torch.randn(64, *model.latent_shape, generator=torch.Generator().manual_seed(0)).to(device)  # fixed
     save_grid(out / "samples.png", decode(noise), nrow=8)
-    t = torch.linspace(0, 1, 10, device=device).view(1, -1, 1)
+    t = torch.linspace(0, 1, 10, device=device).view(1, -1, *[1] * (mu.dim() - 1))
     ends = mu.roll(-len(mu) // 2, 0)  # image i -> image i + n/2
-    path = (1 - t) * mu[:8, None] + t * ends[:8, None]  # (pairs, 10 steps, D) straight lines in z
+    path = (1 - t) * mu[:8, None] + t * ends[:8, None]  # (pairs, 10 steps, *latent) straight lines in z
     save_grid(out / "interpolation.png", decode(path.flatten(0, 1)), nrow=10)
-    if kl_per_dim is not None:  # one row per latent dim, most informative first; dim swept over -3..3
+    if kl_per_dim is not None:  # one row per latent dim (a code map's channel, everywhere), most informative first
         order = torch.tensor(kl_per_dim).argsort(descending=True)
-        z = mu[0].repeat(len(order), 10, 1)  # (D, 10, D)
-        z[torch.arange(len(order)), :, order] = torch.linspace(-3, 3, 10, device=device)
+        z = mu[0].repeat(len(order), 10, *[1] * (mu.dim() - 1))  # (D, 10, *latent)
+        z[torch.arange(len(order)), :, order] = torch.linspace(-3, 3, 10, device=device).view(10, *[1] * (mu.dim() - 2))
         save_grid(out / "traversals.png", decode(z.flatten(0, 1)), nrow=10)
     model.train()
 

@@ -61,6 +61,42 @@ def test_centred_mu_has_batch_mean_zero_and_no_offset_route():
     assert (mu.mean(0).abs() < 1e-3 * mu.std(0)).all()  # 0 up to float32 rounding
 
 
+@pytest.mark.parametrize("size,channels", [(32, 3), (64, 1)])
+def test_spatial_latent_shapes_and_kl_per_position_and_channel(size, channels):
+    # A code map: one 4-channel code per 4 x 4 patch. Its KL per value matches torch.distributions,
+    # the per-dim KL is each channel's sum over positions, and the decoder rebuilds the full image.
+    torch.manual_seed(0)
+    model = common.VAE(channels, size, 4, 8, "mse", centre_mu=True, spatial=True)
+    raw, mu, logvar = model(torch.rand(5, channels, size, size) * 2 - 1)
+    assert mu.shape == logvar.shape == (5, 4, size // 4, size // 4) == (5, *model.latent_shape)
+    assert raw.shape == (5, channels, size, size)
+    expected = torch_kl(Normal(mu, (0.5 * logvar).exp()), Normal(0.0, 1.0))  # (B, c, h, w)
+    torch.testing.assert_close(common.kl_divergence(mu, logvar), expected)
+    torch.testing.assert_close(common.kl_per_dim(mu, logvar), expected.mean(0).sum((1, 2)))
+    assert (mu.mean((0, 2, 3)).abs() < 1e-3 * mu.std((0, 2, 3))).all()  # centred per channel, as the vector's
+    assert model.decoder.conv_out.weight.shape[0] == channels  # 04's adaptive weight reads this layer
+
+
+def test_spatial_vae_learns_to_reconstruct():
+    # A few hundred Adam steps on smooth random images: the reconstruction error falls far below the
+    # error of predicting the mean image, which a code that carries nothing cannot beat.
+    torch.manual_seed(0)
+    images = F.interpolate(torch.rand(256, 3, 4, 4), size=16, mode="bilinear", align_corners=False) * 2 - 1
+    model = common.VAE(3, 16, 4, 16, "mse", spatial=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for step in range(300):
+        x = images[torch.randint(0, 256, (32,))]
+        raw, mu, logvar = model(x)
+        loss = (torch.tanh(raw) - x).pow(2).flatten(1).sum(1).mean() + 0.01 * common.kl_per_dim(mu, logvar).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        error = (torch.tanh(model.decoder(model.encoder(images)[0])) - images).pow(2).mean()
+    assert error < 0.5 * (images - images.mean(0)).pow(2).mean()  # measured: 0.31 of it
+
+
 @pytest.mark.parametrize("size,channels", [(32, 1), (32, 3), (64, 1), (64, 3)])
 def test_vae_shapes_and_output_bias(size, channels):
     model = common.VAE(channels, size, 6, 8, recon="mse", channel_mean=torch.full((channels,), 0.1))
@@ -280,6 +316,15 @@ def test_folder_skips_unreadable_files_and_holds_out_ten_percent(tmp_path, capsy
     assert sorted(train[:, 0, 0, 0].tolist() + test[:, 0, 0, 0].tolist()) == [10 * i for i in range(19)]
 
 
+def test_folder_with_train_and_test_subfolders_uses_that_split(tmp_path):
+    for part, n, color in [("train", 5, 50), ("test", 2, 200)]:
+        for i in range(n):
+            write_png(tmp_path / part / "photo" / f"{i}.png", (color, 0, 0))
+    train, test = common.load_folder(tmp_path, 32)
+    assert train.shape[0] == 5 and test.shape[0] == 2
+    assert (train[:, 0] == 50).all() and (test[:, 0] == 200).all()
+
+
 @pytest.mark.parametrize("make", ["missing", "empty"])
 def test_folder_errors_exit_2(tmp_path, capsys, make):
     root = tmp_path / "images"
@@ -420,11 +465,11 @@ def test_recalibrate_batchnorm_samples_the_whole_training_set():
     assert (bn.running_mean - whole).norm() < 0.3 * (first - whole).norm()
 
 
-@pytest.mark.parametrize("n_test", [1, 2, 10, 33])
-def test_pictures_for_any_number_of_test_images(tmp_path, n_test):
+@pytest.mark.parametrize("n_test,spatial", [(1, False), (2, False), (10, False), (33, False), (3, True)])
+def test_pictures_for_any_number_of_test_images(tmp_path, n_test, spatial):
     torch.manual_seed(0)
-    model = common.VAE(3, 32, 4, 8, "mse")
+    model = common.VAE(3, 32, 4, 8, "mse", spatial=spatial)
     test = torch.randint(0, 256, (n_test, 3, 32, 32), dtype=torch.uint8)
-    common.save_pictures(tmp_path, model, test, torch.device("cpu"), 4, kl_per_dim=[0.1, 2.0, 0.5, 1.0])
+    common.save_pictures(tmp_path, model, test, torch.device("cpu"), kl_per_dim=[0.1, 2.0, 0.5, 1.0])
     for name in ["recon.png", "samples.png", "interpolation.png", "traversals.png"]:
         assert (tmp_path / name).stat().st_size > 0, name
