@@ -1,16 +1,17 @@
 """03 - A perceptual loss (LPIPS) beside the pixel loss, frozen whole.
 
-02 ends sharper than 01 but still blurry: under a Gaussian likelihood the best reconstruction of
+01 and 02 blur: under a Gaussian likelihood the best reconstruction of
 an uncertain edge is the average of its possible positions, a soft ramp. LPIPS (Zhang et al. 2018)
 compares images through the features of a fixed network (AlexNet by default) with learned
 per-channel weights ("lin" heads), so a blurred edge costs more than under MSE. We add it to 02:
 
-    loss = recon (MSE, summed over pixels) + lpips_weight * P * LPIPS + gamma * |KL - C|
+    loss = [sum (x - m)^2 + lpips_weight * P * LPIPS] / (2 sigma^2) + gamma * |KL - C|
 
 where P = channels x height x width of one image. LPIPS is one number per image (a mean over
-positions), while recon is a sum over P values, so we scale LPIPS by P, as latent-diffusion does when
-it adds LPIPS to every pixel's loss: lpips_weight = 1 then means "one unit of LPIPS weighs as much
-as one unit of squared error at every pixel value", at any image size.
+positions), while the squared error is a sum over P values, so we scale LPIPS by P, as
+latent-diffusion does when it adds LPIPS to every pixel's loss: lpips_weight = 1 then means "one
+unit of LPIPS weighs as much as one unit of squared error at every pixel value", at any image size,
+and both are priced by the decoder's sigma (--decoder-std, 01).
 
 The trap this script is about: lpips.LPIPS freezes only its backbone. Its lin heads (1,152
 weights for alex) still require grad; if they reach an optimizer, the optimizer lowers the loss
@@ -63,6 +64,8 @@ BACKBONE_WEIGHTS = {"alex": torchvision.models.AlexNet_Weights.IMAGENET1K_V1,  #
 
 def parse_args(argv=None):
     parser = common.base_parser(SCRIPT, __doc__, epochs=1)
+    parser.add_argument("--decoder-std", type=float, default=math.sqrt(0.5),
+                        help="sigma of the Gaussian decoder on [-1, 1] pixels (default: 0.7071, variance 1/2)")
     parser.add_argument("--gamma", type=float, default=100.0,
                         help="weight of |KL - C|; large, so the KL must follow C (default: 100)")
     parser.add_argument("--capacity-max", type=float, default=None,
@@ -79,15 +82,17 @@ def parse_args(argv=None):
                         help="train LPIPS's lin heads too, to reproduce the incident (default: off)")  # NEW
     args = common.parse_args(parser, argv)
     args.capacity_max = common.default_capacity(args) if args.capacity_max is None else args.capacity_max
+    if args.decoder_std <= 0:
+        common.fail(f"--decoder-std must be positive, got {args.decoder_std}")
     if args.gamma < 0 or args.capacity_max < 0 or args.capacity_steps < 0 or args.lpips_weight < 0:
         common.fail("--gamma, --capacity-max, --capacity-steps and --lpips-weight must not be negative")
     return args
 
 
 # ----------------------------------------------------------------------------- the loss's pieces
-def recon_loss(raw, x):
-    """-log N(x; tanh(raw), 1/2) per image up to a constant: sum over pixels of (x - m)^2, (B,)."""
-    return (torch.tanh(raw) - x).pow(2).flatten(1).sum(1)
+def recon_loss(raw, x, decoder_std):
+    """-log N(x; tanh(raw), sigma^2) per image up to a constant: sum over pixels of (x - m)^2 / (2 sigma^2), (B,)."""
+    return (torch.tanh(raw) - x).pow(2).flatten(1).sum(1) / (2 * decoder_std ** 2)
 
 
 def capacity(step, capacity_max, capacity_steps):
@@ -191,12 +196,13 @@ def main(argv=None):
         target = capacity(step, args.capacity_max, args.capacity_steps)
         with common.autocast(device, args):
             raw, mu, logvar = train_model(x)
-        recon = recon_loss(raw.float(), x).mean()  # summed over pixels, averaged over the batch
+        recon = recon_loss(raw.float(), x, args.decoder_std).mean()  # summed over pixels, averaged over the batch
         kl_per_dim = common.kl_per_dim(mu, logvar)  # (D,) nats
         # NEW: LPIPS of each image (B,), in fp32, inputs in [-1, 1]; scaled by P = C*H*W (see the docstring)
         perceptual_per_image = lpips_distance(perceptual, torch.tanh(raw.float()), x)
         pixels = x[0].numel()
-        loss = recon + args.lpips_weight * pixels * perceptual_per_image.mean() + args.gamma * (kl_per_dim.sum() - target).abs()
+        lpips_term = args.lpips_weight * pixels * perceptual_per_image.mean() / (2 * args.decoder_std ** 2)  # NEW
+        loss = recon + lpips_term + args.gamma * (kl_per_dim.sum() - target).abs()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -236,7 +242,7 @@ def main(argv=None):
     # ------------------------------------------------------------------------- evaluation and outputs
     common.recalibrate_batchnorm(model, train)  # exact BN statistics for mu's centring (see common)
     save_checkpoint(total_steps)  # so a model loaded from checkpoint.pt has them too
-    metrics, mu = common.evaluate(model, test, recon_loss, device, args,
+    metrics, mu = common.evaluate(model, test, lambda raw, x: recon_loss(raw, x, args.decoder_std), device, args,
                                   extra=lambda x, mean: {"test_lpips": lpips_distance(perceptual, mean.float(), x)})
     ramp = [r for r in log.rows if r["step"] <= args.capacity_steps]
     follows = common.correlation([r["kl"] for r in ramp], [r["capacity"] for r in ramp]) if len(ramp) > 2 else None

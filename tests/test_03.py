@@ -45,7 +45,8 @@ def test_lpips_distance_handles_grey_and_small_images(lp03, perceptual):
 def frozen_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run03")
     result = run_cli("03_lpips_frozen", *QUICK, "--lpips-random-backbone", "--max-steps", "150",
-                     "--capacity-steps", "100", "--capacity-max", "10", "--log-every", "1", "--out", out)
+                     "--capacity-steps", "100", "--capacity-max", "10", "--log-every", "1", "--decoder-std", "0.5",
+                     "--out", out)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "RANDOM backbone" in result.stdout  # said plainly
     return out
@@ -68,10 +69,11 @@ def test_frozen_run_leaves_lpips_untouched(frozen_run, perceptual):
 
 
 def test_logged_loss_adds_scaled_lpips(frozen_run):
-    # One step per row: loss = recon + lpips_weight * (C*H*W) * LPIPS + gamma * |KL - C|.
+    # One step per row: loss = recon + lpips_weight * (C*H*W) * LPIPS / (2 sigma^2) + gamma * |KL - C|,
+    # recon already divided by 2 sigma^2 (sigma 0.5 here): LPIPS is priced like squared error.
     rows = read_rows(frozen_run / "metrics.csv")
     for r in rows:
-        expected = r["recon"] + 1.0 * 32 * 32 * r["lpips"] + 100 * abs(r["kl"] - r["capacity"])
+        expected = r["recon"] + 1.0 * 32 * 32 * r["lpips"] / (2 * 0.5 ** 2) + 100 * abs(r["kl"] - r["capacity"])
         assert r["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-3)
 
 

@@ -175,13 +175,13 @@ def neg_elbo(logits, x, mu, logvar):
 
 
 def mlp_vae_for(seconds, data_dir, batch_size=128, lr=1e-3):
-    """Train the MLP VAE on 32-px Fashion-MNIST (the grid 01 uses) for `seconds` of wall clock, the
-    pytorch/examples way; returns (test -ELBO nats/image, epochs done)."""
+    """Train the MLP VAE on the 784 original pixels of Fashion-MNIST (those 01's test_neg_elbo scores)
+    for `seconds` of wall clock, the pytorch/examples way; returns (test -ELBO nats/image, epochs done)."""
     args = argparse.Namespace(dataset="fashion-mnist", data_dir=data_dir, image_size=32)
-    train, test, _ = common.load_data(args)
+    train, test = (common.original_pixels(t, "fashion-mnist") for t in common.load_data(args)[:2])
     loader = torch.utils.data.DataLoader(ToTensorImages(train), batch_size=batch_size, shuffle=True, num_workers=1)
     torch.manual_seed(0)
-    model = MLPVAE(32 * 32)
+    model = MLPVAE(28 * 28)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     start, images = time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
@@ -243,7 +243,7 @@ def main():
         print(f"{'conventional DataLoader ' + size:28s} {ips:8.0f}{ratio}")
     if "quality" in results:
         q = results["quality"]
-        print(f"Fashion-MNIST 32 px, {q['wall_s']:.0f} s each: 01 --recon bce -ELBO {q['ours_test_neg_elbo']:.1f} nats "
+        print(f"Fashion-MNIST, 784 pixels, {q['wall_s']:.0f} s each: 01 --recon bce -ELBO {q['ours_test_neg_elbo']:.1f} nats "
               f"({q['ours_epochs']:.1f} epochs), MLP VAE {q['mlp_test_neg_elbo']:.1f} nats ({q['mlp_epochs']:.1f} epochs)")
     if args.json:
         common.write_json(args.json, results)
