@@ -1,9 +1,10 @@
 """02 - Burgess et al.'s capacity objective: control how much information the code may carry, and
 raise that budget slowly.
 
-01 had one knob, beta: large beta gives a tidy but blurry, half-collapsed code, small beta gives a
-sharp but tangled one. Burgess et al. (2018) control the amount of information instead. With the
-KL as the nats the code carries about an image, they pin it to a target capacity C:
+01's knobs, beta and the decoder's sigma, set the price of a nat, not the number of nats: a large
+price gives a small, half-collapsed code, a small one a rich but tangled code. Burgess et al. (2018)
+control the amount instead. With the KL as a bound on the nats the code carries about an image,
+they pin it to a target capacity C:
 
     loss = recon + gamma * |KL - C|,    C rising linearly from 0 to C_max nats, then held
 
@@ -14,7 +15,8 @@ another, the most useful first.
 The objective rewards any KL while KL < C, and some KL is cheaper than information. One shift of
 every code by the same vector costs 1/2 ||E[mu]||^2 nats and tells the decoder nothing; the encoder
 here closes that route by centring mu (BatchNorm without a bias after it, so in training the batch
-mean of mu is exactly 0; metrics.csv: kl_offset). Other KL is no information either: spread that the
+mean of mu is exactly 0; metrics.csv: kl_offset). A code map is centred per channel, so offsets
+that differ between positions remain, and kl_offset shows them. Other KL is no information either: spread that the
 decoder cannot resolve, and beyond ln N nats (10.8 for 50,000 images) no code can say more about
 which training image it saw. summary.json's test_channel_nats, the Gaussian-channel estimate
 sum_i 1/2 ln(1 + Var_x(mu_i) / E_x[sigma_i^2]), shows how much of the KL could be information.
@@ -29,9 +31,10 @@ Measured (2-core CPU, default run): the KL follows C (correlation 1.00) to 24.9 
 at C 2.5, 3.1 (two), 5.0 and 5.6 nats, each holding position. Against 01 at the same length: more
 KL (24.9 against 19.5 nats) but a worse reconstruction (PSNR 22.5 against 24.2 dB, spectrum error
 1.29 against 0.70). Not because of the ramp (C = 25 from step 0: PSNR 22.5); @ENCODER@
-Defaults against the paper (dSprites, gamma 1000, C 0 -> 25 nats over 100k steps, latent 10,
-batch 64, Adam 5e-4): the same C_max, latent size and batch; gamma 100 and a 2,000-step ramp so a
-CPU run shows the whole ramp. MIG is the histogram estimate on mu (see common.py).
+Defaults against the paper (dSprites, Bernoulli likelihood, gamma 1000, C 0 -> 25 nats over 100k
+steps, latent 10, batch 64, Adam 5e-4): the same C_max, latent size and batch; a Gaussian decoder
+(sigma^2 = 1/2, so gamma is on another scale), gamma 100, Adam 1e-3 and a 2,000-step ramp so a CPU
+run shows the whole ramp. MIG is the histogram estimate on mu (see common.py).
 Papers: Burgess et al. 2018, "Understanding disentangling in beta-VAE"; Higgins et al. 2017
 (beta-VAE, the encoder layout); Chen et al. 2018 (MIG).
 """
@@ -108,8 +111,8 @@ def main(argv=None):
     args = parse_args(argv)
     device = common.choose_device(args)  # also seeds torch
     train, test, test_factors = common.load_data(args)
-    out = common.create_run_folder(args, SCRIPT, device)  # only now: bad input leaves no folder behind
     batches = common.Batches(train, args.batch_size, args.seed, device)
+    out = common.create_run_folder(args, SCRIPT, device)  # only now: bad input leaves no folder behind
     total_steps = args.epochs * batches.steps_per_epoch
     total_steps = min(total_steps, args.max_steps) if args.max_steps else total_steps
     print(f"{args.dataset}: {len(train)} train / {len(test)} test images {tuple(train.shape[1:])}, "
@@ -146,7 +149,7 @@ def main(argv=None):
         with common.autocast(device, args):
             raw, mu, logvar = train_model(x)
         # Reconstruction summed over pixels, KL summed over latent dims, both averaged over the batch
-        # (the scale the paper's gamma assumes):  loss = E_x[-log p(x|z)] + gamma * |E_x[KL] - C|
+        # (the paper's reductions):  loss = E_x[-log p(x|z)] + gamma * |E_x[KL] - C|
         recon = recon_loss(raw.float(), x, args.recon, args.decoder_std).mean()
         kl_per_dim = common.kl_per_dim(mu, logvar)  # (D,) nats
         loss = recon + args.gamma * (kl_per_dim.sum() - target).abs()  # NEW
@@ -206,7 +209,7 @@ def main(argv=None):
     common.save_kl_heatmap(out / "kl_per_dim.png", log.rows, args.latent_dim,  # NEW
                            switch_on=[(e["dim"], e["step"]) for e in summary["switch_on"]])
     print(f"test: recon {metrics['test_recon']:.1f}  KL {metrics['test_kl']:.2f} nats (C {summary['capacity_final']:.1f})  "
-          f"PSNR {metrics['test_psnr_db']:.2f} dB  active units {metrics['active_units']}/{args.latent_dim}  "
+          f"PSNR {metrics['test_psnr_db']:.2f} dB  active units {metrics['active_units']}/{math.prod(model.latent_shape)}  "
           f"spectrum error {metrics['spectrum_error']:.3f}  hf power {metrics['hf_power_ratio']:.3f}  "
           f"KL offset {metrics['test_kl_offset']:.2f}" + (f"  MIG {summary['mig']:.3f}" if "mig" in summary else ""))
     switched = [f"z{e['dim']} step {e['step']} (C {e['capacity']:.1f}"

@@ -143,11 +143,11 @@ def main(argv=None):
     device = common.choose_device(args)  # also seeds torch
     train, test, test_factors = common.load_data(args)
     perceptual = build_lpips(args.lpips_net, args.lpips_random_backbone, device)  # NEW
+    batches = common.Batches(train, args.batch_size, args.seed, device)
     out = common.create_run_folder(args, SCRIPT, device)  # only now: bad input leaves no folder behind
     backbone = "random" if args.lpips_random_backbone else "imagenet"
     if backbone == "random":
         print("warning: LPIPS has a RANDOM backbone (--lpips-random-backbone): its numbers are not a perceptual metric")
-    batches = common.Batches(train, args.batch_size, args.seed, device)
     total_steps = args.epochs * batches.steps_per_epoch
     total_steps = min(total_steps, args.max_steps) if args.max_steps else total_steps
     print(f"{args.dataset}: {len(train)} train / {len(test)} test images {tuple(train.shape[1:])}, "
@@ -265,7 +265,7 @@ def main(argv=None):
     common.write_json(out / "summary.json", summary)
     common.save_pictures(out, model, test, device, kl_per_dim=metrics["kl_per_dim"])
     marks = {"LPIPS incident": min(incident)} if incident else None
-    common.save_curves(out / "curves.png", log.rows, [("reconstruction (sum sq. error)", ["recon"]),
+    common.save_curves(out / "curves.png", log.rows, [("reconstruction (nats)", ["recon"]),
                                                      (f"LPIPS ({backbone} backbone)", ["lpips"]),
                                                      ("KL follows C (nats/image)", ["kl", "capacity"])], marks)
     common.save_kl_heatmap(out / "kl_per_dim.png", log.rows, args.latent_dim)

@@ -2,7 +2,7 @@
 
 03's LPIPS term sharpens what MSE blurs, but fine texture is still averaged away. Stable
 Diffusion's autoencoder adds a discriminator D that judges small patches real or fake; the decoder
-is rewarded for patches D cannot tell from data. Added naively it wrecks the run (note 004): at
+is rewarded for patches D cannot tell from data. Added naively it wrecks the run: at
 step 0 the reconstructions are blobs, D wins at once, its gradients dwarf the reconstruction's and
 pull the decoder towards whatever fools D - the run "collapses": a spike in the decoder's gradient
 norm, the reconstruction loss rebounding, the KL draining, outputs saturating into noise. Two
@@ -12,13 +12,15 @@ guards, from latent-diffusion's LPIPSWithDiscriminator:
                       latent-diffusion uses a fixed step, our default 'auto' waits for recon to level off
     adaptive weight:  lambda = ||grad_W L_rec|| / (||grad_W L_adv|| + 1e-4), clamped to [0, 1e4],
                       detached, times --disc-weight; W = the decoder's last layer (decoder.conv_out)
-    loss = recon + lpips_weight * P * LPIPS + gamma * |KL - C| + disc_factor * lambda * L_adv
+    loss = L_rec + gamma * |KL - C| + disc_factor * lambda * L_adv,
+    L_rec = [sum (x - m)^2 + lpips_weight * P * LPIPS] / (2 sigma^2)   (03's loss without the KL term)
 
-L_rec is recon + the LPIPS term; L_adv = -mean D(x_hat) (hinge generator loss). With lambda, the
-adversarial gradient at the last layer is disc_weight times the reconstruction gradient there,
-whatever the scales of the two losses. Deeper in the decoder the two gradients are free to differ:
-metrics.csv's adv_rec_grad_ratio measures them over all decoder parameters. D: 4x4 stride-2 convolutions,
-LeakyReLU 0.2, a logit per patch, spectral norm; hinge loss 0.5 (mean relu(1 - D(x)) +
+L_adv = -mean D(x_hat) (hinge generator loss). With lambda, the norm of the adversarial gradient at
+the last layer is disc_weight times the reconstruction gradient's there (unless the clamp acts),
+whatever the scales of the two losses. Deeper in the decoder the two are free to differ:
+metrics.csv's adv_rec_grad_ratio measures them over all decoder parameters. D: three 4x4 stride-2
+convolutions and a 4x4 stride-1 one, LeakyReLU 0.2, a logit per patch, spectral norm; "collapse"
+here is the GAN's failure, not 01's posterior collapse. Hinge loss 0.5 (mean relu(1 - D(x)) +
 mean relu(1 + D(x_hat))) on detached reconstructions, its own Adam (betas 0.5, 0.9).
 
 Run:   python 04_vae_gan_warmup.py --lpips-random-backbone     # guarded default
@@ -60,7 +62,7 @@ BACKBONE_WEIGHTS = {"alex": torchvision.models.AlexNet_Weights.IMAGENET1K_V1,  #
 # the last AUTO_WINDOW steps improved on the mean of the AUTO_WINDOW steps before by less than
 # AUTO_THRESHOLD (relative), and C has reached C_max (while C rises, recon keeps improving by design).
 AUTO_WINDOW, AUTO_THRESHOLD = 200, 0.02
-# NEW: collapse monitor thresholds (note 004's signature), checked at every metrics row.
+# NEW: collapse monitor thresholds, checked at every metrics row.
 SPIKE_FACTOR = 10.0  # decoder gradient norm above 10x the median of the rows so far (healthy runs: < 5x)
 REBOUND_FACTOR = 1.5  # recon 50% above its best since D started
 KL_DRAIN_FACTOR = 0.25  # KL below a quarter of its highest since D started
@@ -92,7 +94,7 @@ def parse_args(argv=None):
     parser.add_argument("--disc-lr", type=float, default=1e-4, help="discriminator Adam learning rate (default: 0.0001)")
     parser.add_argument("--r1-gamma", type=float, default=0.0,
                         help="R1 penalty gamma/2 E||grad_x D(x)||^2 on real images, 0 = off (default: 0)")  # NEW
-    parser.add_argument("--no-spectral-norm", action="store_true", help="drop D's spectral norm (default: on)")
+    parser.add_argument("--no-spectral-norm", action="store_true", help="drop D's spectral norm (default: spectral norm on)")
     parser.add_argument("--grad-clip", type=float, default=0.0,
                         help="clip the VAE's gradient norm to this, 0 = off (default: 0)")  # NEW
     args = common.parse_args(parser, argv)
@@ -154,8 +156,9 @@ def lpips_distance(perceptual, reconstruction, x):
 
 class PatchDiscriminator(nn.Module):
     """NEW: PatchGAN (Isola et al. 2017). Three 4x4 stride-2 convolutions halve the image three times,
-    a 4x4 stride-1 convolution gives one logit per overlapping patch (~46 px receptive field), so D
-    judges local texture, not the global layout the reconstruction loss already gets right.
+    a 4x4 stride-1 convolution gives one logit per overlapping patch of about 46 px, so on images
+    larger than that D judges local texture rather than the layout the reconstruction loss gets right
+    (at 64 px a patch is most of the image; at 32 px every logit sees all of it).
     Spectral norm where latent-diffusion's NLayerDiscriminator has BatchNorm: it holds each layer's
     largest singular value at 1, so D cannot become arbitrarily steep, and D's verdict on an image
     does not depend on the other images in its batch."""
@@ -223,7 +226,7 @@ def auto_disc_start(rows, capacity_steps, window=AUTO_WINDOW, threshold=AUTO_THR
 
 
 def collapse_symptoms(rows, disc_start_step):
-    """NEW: note 004's collapse signature in the metrics rows -> {symptom: message} (empty when healthy).
+    """NEW: the collapse signature in the metrics rows -> {symptom: message} (empty when healthy).
     The gradient spike is judged against the median of all earlier rows; the rebound and the KL drain
     against the rows since D started (from the last row before the start, when there is one)."""
     if len(rows) < 2:
@@ -254,11 +257,11 @@ def main(argv=None):
     device = common.choose_device(args)  # also seeds torch
     train, test, test_factors = common.load_data(args)
     perceptual = build_lpips(args.lpips_net, args.lpips_random_backbone, device)
+    batches = common.Batches(train, args.batch_size, args.seed, device)
     out = common.create_run_folder(args, SCRIPT, device)  # only now: bad input leaves no folder behind
     backbone = "random" if args.lpips_random_backbone else "imagenet"
     if backbone == "random":
         print("warning: LPIPS has a RANDOM backbone (--lpips-random-backbone): its numbers are not a perceptual metric")
-    batches = common.Batches(train, args.batch_size, args.seed, device)
     total_steps = args.epochs * batches.steps_per_epoch
     total_steps = min(total_steps, args.max_steps) if args.max_steps else total_steps
     print(f"{args.dataset}: {len(train)} train / {len(test)} test images {tuple(train.shape[1:])}, "
@@ -419,7 +422,7 @@ def main(argv=None):
     common.write_json(out / "summary.json", summary)
     common.save_pictures(out, model, test, device, kl_per_dim=metrics["kl_per_dim"])
     marks = {"D starts": disc_start_step} if disc_start_step is not None and disc_start_step <= total_steps else None
-    common.save_curves(out / "curves.png", log.rows, [("reconstruction (sum sq. error)", ["recon"]),
+    common.save_curves(out / "curves.png", log.rows, [("reconstruction (nats)", ["recon"]),
                                                      (f"LPIPS ({backbone} backbone)", ["lpips"]),
                                                      ("KL follows C (nats/image)", ["kl", "capacity"]),
                                                      ("discriminator", ["d_loss", "logits_real", "logits_fake"]),

@@ -34,7 +34,7 @@ def fail(message, code=2):
 
 # ----------------------------------------------------------------------------- arguments
 def base_parser(script, doc, epochs):
-    """The flags every script takes (CONTRACT.md); each script adds its own after these."""
+    """The flags every script takes; each script adds its own after these."""
     p = argparse.ArgumentParser(prog=f"{script}.py", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=DATASETS, default="shapes", help="(default: shapes, drawn by code, no download)")
     p.add_argument("--data-dir", default="data", help="where data sets live; for folder, the image folder (default: data)")
@@ -344,7 +344,7 @@ class Encoder(nn.Module):
         h = self.features(x)
         mu, logvar = self.to_mu(h).float(), self.to_logvar(h).float()
         # Clamp log sigma^2 to [-10, 10]: exp() stays finite (also in bf16) and a sigma collapsing to 0
-        # cannot send -log sigma^2, and with it the KL, to infinity (note 003).
+        # cannot send -log sigma^2, and with it the KL, to infinity.
         return mu, logvar.clamp(-10.0, 10.0)
 
 
@@ -542,7 +542,7 @@ def evaluate(model, test, recon_loss, device, args, extra=None, max_images=10_00
         original_only = lambda t: original_pixels(t, args.dataset)  # noqa: E731  MNIST without its border
         per_image = {"test_recon": recon_loss(raw_sample.float(), x), "test_kl": kl.flatten(1).sum(1),
                      "test_recon_original": recon_loss(original_only(raw_sample.float()), original_only(x)),
-                     "test_mse": (recon - original).pow(2).flatten(1).mean(1)}
+                     "test_mse": (original_only(recon) - original_only(original)).pow(2).flatten(1).mean(1)}
         per_image.update(extra(x, model.mean(raw_mean.float())) if extra else {})
         for k, v in per_image.items():
             sums[k] = sums.get(k, 0.0) + v.sum().item()
