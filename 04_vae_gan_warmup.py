@@ -27,8 +27,8 @@ Run:   python 04_vae_gan_warmup.py --lpips-random-backbone     # guarded default
        python 04_vae_gan_warmup.py --lpips-random-backbone --disc-start 0 --no-adaptive-weight \
            --disc-weight 1000 --max-steps 400                  # unguarded: the collapse and its warnings
 Measured (shapes, 2-core CPU, random LPIPS backbone): the guarded default starts D at step 1,100
-(auto) and ends with spectrum error 0.30 against 03's @S03@ at the same length (LPIPS 0.0139
-against @L03@, PSNR 21.72 against @P03@ dB), no collapse warning, 278 s; D's pull on the whole
+(auto) and ends with spectrum error 0.30 against 03's 0.90 at the same length (LPIPS 0.0139
+against 0.0135, PSNR 21.72 against 22.29 dB), no collapse warning, 278 s; D's pull on the whole
 decoder (adv_rec_grad_ratio) stays at 0.2-0.4 of the reconstruction's. Unguarded, the pull is
 1.6-11.5 times the reconstruction's and the run collapses: at step 150 a gradient spike (11x) and
 a recon rebound (916 against its best 518), then blank outputs (PSNR 15.0, spectrum error 3.33).

@@ -7,8 +7,8 @@ Every run must be on the same data (data set, --data-dir, --image-size). For eac
 model from checkpoint.pt, reconstructs the whole test set from z = mu and scores all runs the same
 way: PSNR, LPIPS (AlexNet; the random backbone unless the ImageNet file is in $TORCH_HOME, see 03)
 and spectrum error (common.spectrum_metrics: 0 = the data's power spectrum; blur and noise both
-raise it). Each row is labelled with the three; the last two columns enlarge a patch of two of the
-images 4x, so texture can be seen. The numbers are also printed, one line per run.
+raise it). Each row is labelled with the three; the last two columns enlarge a patch 4x, of the two
+shown images with the most fine detail, so texture can be seen. The numbers are also printed, one line per run.
 """
 import argparse
 import contextlib
@@ -71,8 +71,8 @@ def scores(recon, originals, perceptual):
     return 10 * math.log10(1 / mse), lpips_values.mean().item(), error
 
 
-def draw(path, rows, labels, picks, patch):
-    """rows: [(N, C, H, W) in [0, 1]] -> one figure; the last two columns enlarge `patch` of picks[:2]."""
+def draw(path, rows, labels, picks, zoom, patch):
+    """rows: [(N, C, H, W) in [0, 1]] -> one figure; the last two columns enlarge `patch` of images `zoom`."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -82,7 +82,7 @@ def draw(path, rows, labels, picks, patch):
     for r, (images, label) in enumerate(zip(rows, labels)):
         tiles = [images[i] for i in picks] + [
             F.interpolate(images[i:i + 1, :, top:top + side, left:left + side], scale_factor=size // side * 1.0,
-                          mode="nearest")[0] for i in picks[:2]]
+                          mode="nearest")[0] for i in zoom]
         for c, tile in enumerate(tiles):
             ax = axes[r, c]
             ax.imshow(tile.clamp(0, 1).permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1,
@@ -126,7 +126,9 @@ def main():
         print(f"{folder}: {script}  PSNR {psnr:.2f} dB  LPIPS {lpips_value:.4f} ({backbone} AlexNet)  "
               f"spectrum error {error:.3f}  KL {kl:.0f} nats")
     size = test.shape[-1]
-    draw(args.out, rows, labels, picks, patch=(size // 4, size // 4, size // 4))
+    detail = [(originals[i, :, 1:] - originals[i, :, :-1]).abs().mean().item() for i in picks]
+    zoom = [picks[j] for j in sorted(range(len(picks)), key=lambda j: -detail[j])[:2]]  # the most fine detail
+    draw(args.out, rows, labels, picks, zoom, patch=(size // 4, size // 4, size // 4))
     print(f"wrote {args.out} ({len(test)} test images scored; LPIPS with the {backbone} AlexNet backbone)")
 
 
