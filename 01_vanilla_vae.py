@@ -57,8 +57,6 @@ def parse_args(argv=None):
     parser = common.base_parser(SCRIPT, __doc__, epochs=4)
     parser.add_argument("--recon", choices=["mse", "bce"], default="mse",
                         help="Gaussian likelihood on [-1, 1] (tanh) or Bernoulli on [0, 1] (logits) (default: mse)")
-    parser.add_argument("--decoder-std", type=float, default=math.sqrt(0.5),
-                        help="sigma of the Gaussian decoder on [-1, 1] pixels (default: 0.7071, variance 1/2)")
     parser.add_argument("--beta", type=float, default=1.0, help="weight of the KL; 1 = the true ELBO (default: 1.0)")
     parser.add_argument("--kl-warmup-steps", type=int, default=0,
                         help="ramp the KL weight linearly from 0 to beta over this many steps (default: 0 = off)")
@@ -69,8 +67,6 @@ def parse_args(argv=None):
     args = common.parse_args(parser, argv)
     if args.beta < 0 or args.free_bits < 0 or args.kl_warmup_steps < 0 or args.kl_cycles < 0:
         common.fail("--beta, --free-bits, --kl-warmup-steps and --kl-cycles must not be negative")
-    if args.decoder_std <= 0:
-        common.fail(f"--decoder-std must be positive, got {args.decoder_std}")
     if args.kl_warmup_steps and args.kl_cycles:
         common.fail("choose one annealing schedule: --kl-warmup-steps or --kl-cycles")
     return args

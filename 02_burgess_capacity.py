@@ -59,8 +59,6 @@ def parse_args(argv=None):
     parser = common.base_parser(SCRIPT, __doc__, epochs=4)
     parser.add_argument("--recon", choices=["mse", "bce"], default="mse",
                         help="Gaussian likelihood on [-1, 1] (tanh) or Bernoulli on [0, 1] (logits) (default: mse)")
-    parser.add_argument("--decoder-std", type=float, default=math.sqrt(0.5),
-                        help="sigma of the Gaussian decoder on [-1, 1] pixels (default: 0.7071, variance 1/2)")
     parser.add_argument("--gamma", type=float, default=100.0,
                         help="weight of |KL - C|; large, so the KL must follow C (default: 100)")  # NEW
     parser.add_argument("--capacity-max", type=float, default=None,
@@ -71,8 +69,6 @@ def parse_args(argv=None):
     args.capacity_max = common.default_capacity(args) if args.capacity_max is None else args.capacity_max
     if args.gamma < 0 or args.capacity_max < 0 or args.capacity_steps < 0:
         common.fail("--gamma, --capacity-max and --capacity-steps must not be negative")
-    if args.decoder_std <= 0:
-        common.fail(f"--decoder-std must be positive, got {args.decoder_std}")
     return args
 
 

@@ -62,8 +62,6 @@ BACKBONE_WEIGHTS = {"alex": torchvision.models.AlexNet_Weights.IMAGENET1K_V1,  #
 
 def parse_args(argv=None):
     parser = common.base_parser(SCRIPT, __doc__, epochs=1)
-    parser.add_argument("--decoder-std", type=float, default=math.sqrt(0.5),
-                        help="sigma of the Gaussian decoder on [-1, 1] pixels (default: 0.7071, variance 1/2)")
     parser.add_argument("--gamma", type=float, default=100.0,
                         help="weight of |KL - C|; large, so the KL must follow C (default: 100)")
     parser.add_argument("--capacity-max", type=float, default=None,
@@ -80,8 +78,6 @@ def parse_args(argv=None):
                         help="train LPIPS's lin heads too, to reproduce the incident (default: off)")  # NEW
     args = common.parse_args(parser, argv)
     args.capacity_max = common.default_capacity(args) if args.capacity_max is None else args.capacity_max
-    if args.decoder_std <= 0:
-        common.fail(f"--decoder-std must be positive, got {args.decoder_std}")
     if args.gamma < 0 or args.capacity_max < 0 or args.capacity_steps < 0 or args.lpips_weight < 0:
         common.fail("--gamma, --capacity-max, --capacity-steps and --lpips-weight must not be negative")
     return args

@@ -71,8 +71,6 @@ SATURATED_SHARE = 0.05  # 5% of output pixels stuck wrong: |pre-tanh| > 5 (tanh'
 
 def parse_args(argv=None):
     parser = common.base_parser(SCRIPT, __doc__, epochs=2)
-    parser.add_argument("--decoder-std", type=float, default=math.sqrt(0.5),
-                        help="sigma of the Gaussian decoder on [-1, 1] pixels (default: 0.7071, variance 1/2)")
     parser.add_argument("--gamma", type=float, default=100.0,
                         help="weight of |KL - C|; large, so the KL must follow C (default: 100)")
     parser.add_argument("--capacity-max", type=float, default=None,
@@ -104,8 +102,6 @@ def parse_args(argv=None):
             args.disc_start = int(args.disc_start)
         except ValueError:
             common.fail(f"--disc-start must be a step number or 'auto', got {args.disc_start!r}")
-    if args.decoder_std <= 0:
-        common.fail(f"--decoder-std must be positive, got {args.decoder_std}")
     for name in ["gamma", "capacity_max", "capacity_steps", "lpips_weight", "disc_weight", "r1_gamma", "grad_clip"]:
         if getattr(args, name) < 0:
             common.fail(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")

@@ -41,6 +41,9 @@ def base_parser(script, doc, epochs):
     p.add_argument("--image-size", type=int, default=None, help="(default: 64 for shapes, celeba, folder; 32 otherwise)")
     p.add_argument("--epochs", type=int, default=epochs, help=f"passes over the training set (default: {epochs})")
     p.add_argument("--max-steps", type=int, default=0, help="cap on optimizer steps, 0 = no cap (default: 0)")
+    p.add_argument("--decoder-std", type=float, default=None,
+                   help="sigma of the Gaussian decoder on [-1, 1] pixels: the price of detail, see 01 "
+                        "(default: 0.7071, i.e. variance 1/2; 0.1 for a code map)")
     p.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
     p.add_argument("--latent", choices=["vector", "spatial"], default=None,
@@ -79,12 +82,15 @@ def parse_args(parser, argv=None):
     photos = args.dataset in ("cifar10", "celeba", "folder")
     args.latent = args.latent or ("spatial" if photos else "vector")
     args.latent_dim = args.latent_dim or (4 if args.latent == "spatial" else 64 if photos else 10)
+    if args.decoder_std is None:  # a code map carries photos only if detail is priced near the errors' sigma
+        args.decoder_std = 0.1 if args.latent == "spatial" else math.sqrt(0.5)
     for name, low in [("epochs", 1), ("batch_size", 2), ("latent_dim", 1), ("width", 1),
                       ("log_every", 1), ("max_steps", 0)]:
         if getattr(args, name) < low:
             fail(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
-    if args.lr <= 0:
-        fail(f"--lr must be positive, got {args.lr}")
+    for name in ("lr", "decoder_std"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.image_size not in (16, 32, 64, 128, 256):
         fail(f"--image-size must be 16, 32, 64, 128 or 256, got {args.image_size}")
     return args

@@ -119,6 +119,7 @@ def test_collapse_warning_names_collapse_and_only_collapse(tmp_path, beta, colla
     (["--dataset", "folder", "--data-dir", "/nonexistent/images"], "/nonexistent/images"),
     (["--resume", "/nonexistent/checkpoint.pt"], "cannot read checkpoint"),
     (["--kl-warmup-steps", "100", "--kl-cycles", "2"], "choose one annealing schedule"),
+    (["--decoder-std", "0"], "--decoder-std must be positive"),
 ])
 def test_bad_input_exits_2_with_one_error_line(tmp_path, args, fragment):
     result = run_cli("01_vanilla_vae", *args, "--out", tmp_path / "out")

@@ -35,6 +35,7 @@ def photo_runs(tmp_path_factory):
 def test_photo_folders_get_a_spatial_latent(photo_runs):
     config = json.loads((photo_runs["01_vanilla_vae"] / "config.json").read_text())
     assert config["args"]["latent"] == "spatial" and config["args"]["latent_dim"] == 4
+    assert config["args"]["decoder_std"] == 0.1  # photos' default: detail priced near the errors' sigma
     summary = json.loads((photo_runs["01_vanilla_vae"] / "summary.json").read_text())
     assert len(summary["kl_per_dim"]) == 4  # one per channel of the code map
     assert summary["test_kl"] == pytest.approx(sum(summary["kl_per_dim"]), rel=1e-5)
