@@ -15,8 +15,8 @@ upper bound on the information the code carries. z is a vector of --latent-dim d
 Why the reconstructions are blurry. The decoder is a Gaussian N(x; m, sigma^2) with a fixed sigma,
 so a pixel's error costs (x - m)^2 / (2 sigma^2) nats: sigma is the price of detail in the code's
 nats. Times 2 sigma^2 the loss reads  sum (x - m)^2 + 2 sigma^2 * beta * KL, so a wide sigma acts
-like a large beta. The default sigma^2 = 1/2 (on [-1, 1] pixels) is much wider than the errors the
-model ends with: against the sigma that fits them, beta = 1 acts like beta = 31
+like a large beta. The default sigma^2 = 1/2 (on [-1, 1] pixels; a code map's default is sigma 0.1)
+is much wider than the errors the model ends with on shapes: against the sigma that fits them, beta = 1 acts like beta = 31
 (summary.json: decoder_std_fit, effective_beta). The code stays small and whatever it cannot
 hold the decoder averages away. --decoder-std 0.12 prices detail at the fitted sigma.
 
@@ -157,6 +157,7 @@ def main(argv=None):
         loss.backward()
         optimizer.step()
 
+        # kl_offset: the KL that one shift of every code costs, information-free (02 closes that route)
         running.add(loss=loss, recon=recon, kl=kl_per_dim.sum(), kl_offset=0.5 * mu.mean(0).pow(2).sum())
         bar.update(1)
         timed_steps += 1

@@ -187,13 +187,11 @@ def r1_penalty(disc, real, r1_gamma):
 
 def adaptive_weight(rec_loss, adv_loss, last_layer, disc_weight):
     """NEW: lambda = ||grad_W rec|| / (||grad_W adv|| + 1e-4), clamped to [0, 1e4], detached, times
-    disc_weight, with W the decoder's last layer: the adversarial gradient there is then disc_weight times
-    the reconstruction gradient, whatever the losses' scales. Returns (lambda, ||grad rec||, ||grad adv||)."""
+    disc_weight, with W the decoder's last layer: the adversarial gradient's norm there is then disc_weight
+    times the reconstruction gradient's, whatever the losses' scales (unless the clamp acts)."""
     rec_grad, = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
     adv_grad, = torch.autograd.grad(adv_loss, last_layer, retain_graph=True)
-    rec_norm, adv_norm = rec_grad.norm(), adv_grad.norm()
-    weight = (rec_norm / (adv_norm + 1e-4)).clamp(0.0, 1e4).detach()
-    return weight * disc_weight, rec_norm.detach(), adv_norm.detach()
+    return (rec_grad.norm() / (adv_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach() * disc_weight
 
 
 def adv_rec_grad_ratio(rec_loss, adv_term, params):
@@ -320,14 +318,13 @@ def main(argv=None):
         lpips_term = args.lpips_weight * x[0].numel() * perceptual_per_image.mean() / (2 * args.decoder_std ** 2)
         rec_loss = recon + lpips_term  # L_rec of the docstring
         loss = rec_loss + args.gamma * (kl_per_dim.sum() - target).abs()
-        weight, rec_norm, adv_norm, g_loss, d_loss, logits_real, logits_fake = (zero,) * 7
+        weight, g_loss, d_loss, logits_real, logits_fake = (zero,) * 5
         if disc_factor > 0:
             disc.requires_grad_(False)  # this pass trains the VAE only
             with common.autocast(device, args):
                 logits_fake = train_disc(reconstruction).float()
             g_loss = -logits_fake.mean()  # hinge generator loss: raise D's opinion of the reconstructions
-            weight, rec_norm, adv_norm = adaptive_weight(rec_loss, g_loss, model.decoder.conv_out.weight,
-                                                         args.disc_weight)
+            weight = adaptive_weight(rec_loss, g_loss, model.decoder.conv_out.weight, args.disc_weight)
             if args.no_adaptive_weight:
                 weight = torch.tensor(args.disc_weight, device=device)
             if (step + 1) % args.log_every == 0 or step + 1 == total_steps:  # NEW: for the metrics row

@@ -174,3 +174,15 @@ def test_position_code_refuses_a_run_without_true_factors(tmp_path):
     assert result.returncode == 2
     assert_clean_error(result.stderr, "fashion-mnist run", "only for shapes")
     assert not (tmp_path / "position_code.png").exists()
+
+
+def test_centred_01_runs_01_on_the_centred_encoder(tmp_path):
+    # tools/centred_01: 01's objective, 02's encoder (BatchNorm before mu, no bias after it), with
+    # BatchNorm's statistics recomputed before the evaluation as 02 does.
+    result = subprocess.run([sys.executable, "-m", "tools.centred_01", *QUICK, "--max-steps", "10",
+                             "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    state = common.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["script"] == "01_vanilla_vae" and "encoder.to_mu.0.running_mean" in state["model"]
+    assert "encoder.to_mu.1.bias" not in state["model"]
+    assert "beta" in read_rows(tmp_path / "metrics.csv")[0]  # 01's objective, not 02's capacity

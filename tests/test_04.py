@@ -24,7 +24,7 @@ def test_adaptive_weight_matches_two_separate_backward_passes(gan04):
     raw, _, _ = model(x)
     rec = (torch.tanh(raw) - x).pow(2).flatten(1).sum(1).mean()
     adv = -disc(torch.tanh(raw)).mean()
-    weight, rec_norm, adv_norm = gan04.adaptive_weight(rec, adv, model.decoder.conv_out.weight, disc_weight=0.5)
+    weight = gan04.adaptive_weight(rec, adv, model.decoder.conv_out.weight, disc_weight=0.5)
     # Independent: two ordinary backward passes, reading .grad of the last layer each time.
     last = model.decoder.conv_out.weight
     model.zero_grad()
@@ -35,7 +35,6 @@ def test_adaptive_weight_matches_two_separate_backward_passes(gan04):
     g_adv = last.grad.clone()
     expected = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4) * 0.5
     assert weight.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert rec_norm.item() == pytest.approx(g_rec.norm().item(), rel=1e-5)
     assert not weight.requires_grad  # detached: lambda itself is not trained
     # The point of lambda: the weighted adversarial gradient at W is disc_weight times the reconstruction's,
     # less the little that the 1e-4 in the denominator takes when ||g_adv|| is small.
@@ -45,7 +44,7 @@ def test_adaptive_weight_matches_two_separate_backward_passes(gan04):
 
 def test_adaptive_weight_is_clamped(gan04):
     w = torch.ones(3, requires_grad=True)
-    weight, _, _ = gan04.adaptive_weight((w * 1e6).sum(), (w * 0.0).sum(), w, disc_weight=1.0)
+    weight = gan04.adaptive_weight((w * 1e6).sum(), (w * 0.0).sum(), w, disc_weight=1.0)
     assert weight.item() == 1e4
 
 
