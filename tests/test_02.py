@@ -107,12 +107,14 @@ def test_mig_against_known_codes():
     assert common.mutual_information_gap(torch.randn(4000, 6, generator=g), factors)[0] < 0.02
 
 
-def test_switch_on_steps_takes_the_first_crossing(cap02):
+def test_switch_on_steps_takes_the_first_crossing():
     kl = {10: [0.1, 0.0, 0.6], 20: [0.7, 0.0, 0.2], 30: [0.2, 0.0, 0.9], 40: [0.9, 0.4, 0.9]}  # step: dims 0-2
     rows = [{"step": s, **{f"kl_dim_{i}": v for i, v in enumerate(values)}} for s, values in kl.items()]
     # dim 2 crosses first (step 10), dips, and stays at 10; dim 0 crosses at 20; dim 1 never passes 0.5
-    assert cap02.switch_on_steps(rows, 3) == [(2, 10), (0, 20)]
-    assert cap02.switch_on_steps(rows, 3, threshold=0.3) == [(2, 10), (0, 20), (1, 40)]
+    found = common.switch_on(rows, [0.5, 0.4, 0.9], mu=None)
+    assert [(e["dim"], e["step"]) for e in found] == [(2, 10), (0, 20)]
+    found = common.switch_on(rows, [0.5, 0.4, 0.9], mu=None, threshold=0.3)
+    assert [(e["dim"], e["step"]) for e in found] == [(2, 10), (0, 20), (1, 40)]
 
 
 def test_factor_information_finds_the_dim_that_holds_each_factor():

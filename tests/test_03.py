@@ -18,7 +18,7 @@ def lp03():
 
 @pytest.fixture(scope="module")
 def perceptual(lp03):
-    return lp03.build_lpips("alex", random_backbone=True, device=torch.device("cpu"))
+    return common.load_lpips("alex", random_backbone=True, device=torch.device("cpu")).eval().requires_grad_(False)
 
 
 def test_no_gradient_reaches_lpips(lp03, perceptual):
@@ -27,7 +27,7 @@ def test_no_gradient_reaches_lpips(lp03, perceptual):
     x = torch.rand(4, 1, 32, 32) * 2 - 1
     assert not perceptual.training  # a fixed metric: eval mode, so the lin heads' dropout is off
     perceptual.train()  # even if something switches it to train mode, nothing in it may learn
-    lp03.lpips_distance(perceptual, torch.tanh(reconstruction), x).sum().backward()
+    common.lpips_distance(perceptual, torch.tanh(reconstruction), x).sum().backward()
     assert reconstruction.grad is not None and reconstruction.grad.abs().sum() > 0  # the decoder does learn
     assert all(p.grad is None and not p.requires_grad for p in perceptual.parameters())
     perceptual.eval()
@@ -35,9 +35,9 @@ def test_no_gradient_reaches_lpips(lp03, perceptual):
 
 def test_lpips_distance_handles_grey_and_small_images(lp03, perceptual):
     x = torch.rand(3, 1, 16, 16) * 2 - 1  # 16 px would fail AlexNet's pooling without enlarging
-    assert torch.allclose(lp03.lpips_distance(perceptual, x, x), torch.zeros(3), atol=1e-6)
+    assert torch.allclose(common.lpips_distance(perceptual, x, x), torch.zeros(3), atol=1e-6)
     y = (x + 0.5 * torch.randn_like(x)).clamp(-1, 1)
-    d = lp03.lpips_distance(perceptual, y, x)
+    d = common.lpips_distance(perceptual, y, x)
     assert d.shape == (3,) and (d > 0).all()
 
 
@@ -107,10 +107,12 @@ def test_backbone_loads_from_a_file_in_torch_home(lp03, tmp_path, monkeypatch):
     state = _placed_weights(tmp_path)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
-    perceptual = lp03.build_lpips("alex", random_backbone=False, device=torch.device("cpu"))
+    perceptual = common.load_lpips("alex", random_backbone=False, device=torch.device("cpu"))
     first_conv = next(m for m in perceptual.net.modules() if isinstance(m, torch.nn.Conv2d))
     assert torch.equal(first_conv.weight, state["features.0.weight"])  # the placed file, not random weights
-    assert not any(p.requires_grad for p in perceptual.parameters())
+    # as the package builds it: the backbone frozen, the lin heads not (the trap 03 closes by freezing all)
+    assert not any(p.requires_grad for p in perceptual.net.parameters())
+    assert all(p.requires_grad for p in perceptual.lins.parameters())
 
 
 @pytest.fixture
@@ -123,7 +125,7 @@ def offline_torch_home(tmp_path, monkeypatch):
 
 def test_missing_backbone_exits_2_naming_file_and_folder(lp03, offline_torch_home, capsys):
     with pytest.raises(SystemExit) as stop:
-        lp03.build_lpips("alex", random_backbone=False, device=torch.device("cpu"))
+        common.load_lpips("alex", random_backbone=False, device=torch.device("cpu"))
     assert stop.value.code == 2
     assert_clean_error(capsys.readouterr().err, "alexnet-owt-7be5be79.pth",
                        str(offline_torch_home / "hub" / "checkpoints"), "--lpips-random-backbone")
@@ -143,7 +145,7 @@ def test_unreadable_backbone_file_exits_2(lp03, tmp_path, monkeypatch, capsys):
     (folder / "alexnet-owt-7be5be79.pth").write_bytes(b"not a checkpoint")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(SystemExit) as stop:
-        lp03.build_lpips("alex", random_backbone=False, device=torch.device("cpu"))
+        common.load_lpips("alex", random_backbone=False, device=torch.device("cpu"))
     assert stop.value.code == 2
     assert_clean_error(capsys.readouterr().err, "alexnet-owt-7be5be79.pth")
 

@@ -24,7 +24,7 @@ def _measure(monkeypatch, tmp_path, delay):
 
 def test_outside_timer_counts_the_window_and_finds_a_planted_delay(monkeypatch, tmp_path):
     plain = _measure(monkeypatch, tmp_path, delay=0.0)
-    assert plain["counts"]["Batches.__call__"] == 20 and plain["counts"]["RunningMeans.add"] == 20
+    assert plain["counts"]["Batches.__call__"] == 20 and plain["counts"]["Run.log"] == 20
     assert 0 < plain["outside_s"] < plain["window_s"]
     assert plain["images_per_s"] == pytest.approx(20 * 64 / plain["window_s"])
     slow = _measure(monkeypatch, tmp_path, delay=0.02)  # 20 steps x 20 ms = 0.4 s more in the data path

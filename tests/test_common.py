@@ -1,6 +1,7 @@
 """common.py against independent computations: the KL, the reparameterization, the mu centring,
 the shapes data, the spectrum measures, evaluation, pictures, batching, logs, checkpoints and the
 data loaders (MNIST padding, CelebA crop, errors)."""
+import argparse
 import math
 
 import numpy as np
@@ -11,6 +12,12 @@ from torch.distributions import Normal, kl_divergence as torch_kl
 
 import common
 from conftest import assert_clean_error, no_network
+
+
+def forward(model, x):
+    """What each chapter's loop does: encode, draw z = mu + sigma * eps, decode -> (raw, mu, logvar)."""
+    mu, logvar = model.encoder(x)
+    return model.decoder(mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)), mu, logvar
 
 
 # ----------------------------------------------------------------------------- KL and reparameterization
@@ -28,17 +35,6 @@ def test_kl_matches_monte_carlo():
     z = q.sample((400_000,))
     estimate = (q.log_prob(z) - Normal(0.0, 1.0).log_prob(z)).mean(0)  # E_q[log q - log p]
     torch.testing.assert_close(common.kl_divergence(mu, logvar), estimate, atol=0.02, rtol=0.01)
-
-
-def test_reparameterize_passes_gradients_to_mu_and_logvar():
-    mu = torch.tensor([0.5, -1.0], requires_grad=True)
-    logvar = torch.tensor([0.2, -0.6], requires_grad=True)
-    eps = torch.tensor([1.3, -0.4])
-    z = common.reparameterize(mu, logvar, eps)
-    z.sum().backward()
-    torch.testing.assert_close(z.detach(), mu.detach() + (0.5 * logvar.detach()).exp() * eps)
-    torch.testing.assert_close(mu.grad, torch.ones(2))  # dz/dmu = 1
-    torch.testing.assert_close(logvar.grad, 0.5 * (0.5 * logvar.detach()).exp() * eps)  # dz/dlogvar
 
 
 def test_encoder_clamps_logvar():
@@ -67,7 +63,7 @@ def test_spatial_latent_shapes_and_kl_per_position_and_channel(size, channels):
     # the per-dim KL is each channel's sum over positions, and the decoder rebuilds the full image.
     torch.manual_seed(0)
     model = common.VAE(channels, size, 4, 8, "mse", centre_mu=True, spatial=True)
-    raw, mu, logvar = model(torch.rand(5, channels, size, size) * 2 - 1)
+    raw, mu, logvar = forward(model, torch.rand(5, channels, size, size) * 2 - 1)
     assert mu.shape == logvar.shape == (5, 4, size // 4, size // 4) == (5, *model.latent_shape)
     assert raw.shape == (5, channels, size, size)
     expected = torch_kl(Normal(mu, (0.5 * logvar).exp()), Normal(0.0, 1.0))  # (B, c, h, w)
@@ -86,7 +82,7 @@ def test_spatial_vae_learns_to_reconstruct():
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     for step in range(300):
         x = images[torch.randint(0, 256, (32,))]
-        raw, mu, logvar = model(x)
+        raw, mu, logvar = forward(model, x)
         loss = (torch.tanh(raw) - x).pow(2).flatten(1).sum(1).mean() + 0.01 * common.kl_per_dim(mu, logvar).sum()
         optimizer.zero_grad()
         loss.backward()
@@ -100,7 +96,7 @@ def test_spatial_vae_learns_to_reconstruct():
 @pytest.mark.parametrize("size,channels", [(32, 1), (32, 3), (64, 1), (64, 3)])
 def test_vae_shapes_and_output_bias(size, channels):
     model = common.VAE(channels, size, 6, 8, recon="mse", channel_mean=torch.full((channels,), 0.1))
-    raw, mu, logvar = model(torch.zeros(5, channels, size, size))
+    raw, mu, logvar = forward(model, torch.zeros(5, channels, size, size))
     assert raw.shape == (5, channels, size, size) and mu.shape == logvar.shape == (5, 6)
     torch.testing.assert_close(torch.tanh(model.decoder.conv_out.bias), torch.full((channels,), 2 * 0.1 - 1))
 
@@ -211,10 +207,10 @@ def test_evaluate_against_direct_computation():
     torch.manual_seed(0)
 
     class Args:
-        seed, amp, dataset = 0, False, "shapes"
+        seed, amp, dataset, decoder_std = 0, False, "shapes", 0.5
     model = common.VAE(1, 32, 4, 8)
     test = (torch.rand(300, 1, 32, 32) * 255).to(torch.uint8)
-    model(test[:64].float() / 127.5 - 1)  # one training-mode pass, so the running statistics are not the defaults
+    model.encoder(test[:64].float() / 127.5 - 1)  # one training-mode pass, so the running statistics are not the defaults
     sse = lambda raw, x: (torch.tanh(raw) - x).pow(2).flatten(1).sum(1)  # noqa: E731
     metrics, mu = common.evaluate(model, test, sse, torch.device("cpu"), Args)
     model.eval()  # evaluation uses BatchNorm's running statistics, not the test batch's
@@ -250,27 +246,30 @@ def test_batches_are_a_fixed_permutation_per_epoch():
     assert torch.equal(fresh(4), batches(4))  # a resumed run sees the same batch at the same step
 
 
-def test_running_means_and_state_round_trip():
-    running = common.RunningMeans()
-    for v in [1.0, 2.0, 6.0]:
-        running.add(loss=torch.tensor(v), kl=torch.tensor([2 * v, -v]))
-    restored = common.RunningMeans()
-    restored.load_state_dict(running.state_dict(), torch.device("cpu"))
-    expected = {"loss": 3.0, "kl_0": 6.0, "kl_1": -3.0}
-    assert running.pop() == pytest.approx(expected)
-    assert restored.pop() == pytest.approx(expected)
-    running.add(loss=torch.tensor(5.0))
-    assert running.pop() == {"loss": 5.0}  # reset after each row
-
-
-def test_metrics_log_resume_drops_rows_after_the_checkpoint(tmp_path):
-    log = common.MetricsLog(tmp_path / "m.csv")
-    for step in (10, 20, 30):
-        log.write({"step": step, "loss": step / 10})
-    resumed = common.MetricsLog(tmp_path / "m.csv", resume_step=20)
-    resumed.write({"step": 30, "loss": 9.0})
-    lines = (tmp_path / "m.csv").read_text().split()
-    assert lines == ["step,loss", "10,1", "20,2", "30,9"]
+def test_run_logs_means_without_per_step_sync_and_resume_keeps_earlier_rows(tmp_path):
+    # Tensors are averaged over the steps of a row, vectors become columns, numbers are logged as they
+    # are at the row's step; a resumed run keeps the rows up to its checkpoint and the partial sums.
+    args = argparse.Namespace(batch_size=2, seed=0, epochs=1, steps=1, max_steps=0, log_every=3, resume=None,
+                              out=str(tmp_path), dataset="shapes")
+    images = torch.zeros(8, 1, 2, 2, dtype=torch.uint8)  # 4 steps per epoch
+    run = common.Run(args, "01_vanilla_vae", torch.device("cpu"), images)
+    rows = [run.log(step, loss=torch.tensor(float(step)), kl=torch.tensor([step, -2.0 * step]), beta=step / 10)
+            for step in run.steps()]
+    assert rows[0] is None and rows[1] is None  # no row, no host sync
+    assert {k: rows[2][k] for k in ("step", "loss", "kl_0", "kl_1", "beta")} == pytest.approx(
+        {"step": 3, "loss": 1.0, "kl_0": 1.0, "kl_1": -2.0, "beta": 0.2})
+    assert rows[3]["step"] == 4 and rows[3]["loss"] == 3.0  # the last step always ends a row, reset after each
+    assert common.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 4  # the epoch's end
+    (tmp_path / "checkpoint.pt").rename(tmp_path / "end.pt")
+    args.max_steps, args.log_every, args.out = 0, 3, str(tmp_path)
+    common.save_checkpoint(tmp_path / "mid.pt", script="01_vanilla_vae", args=vars(args), step=2, total_steps=4,
+                           sums=torch.tensor([1.0, 1.0, -2.0]), count=2)
+    resumed = common.Run(argparse.Namespace(**dict(vars(args), resume=str(tmp_path / "mid.pt"))), "01_vanilla_vae",
+                         torch.device("cpu"), images)
+    assert [r["step"] for r in resumed.rows] == []  # the rows after step 2 (3 and 4) are dropped
+    row = [resumed.log(step, loss=torch.tensor(float(step)), kl=torch.tensor([step, -2.0 * step]), beta=step / 10)
+           for step in resumed.steps()][0]
+    assert row["step"] == 3 and row["loss"] == pytest.approx(1.0) and row["kl_1"] == pytest.approx(-2.0)
 
 
 def test_checkpoint_is_atomic_and_bad_files_exit_2(tmp_path, capsys):
@@ -439,7 +438,7 @@ def test_recalibrate_batchnorm_gives_the_exact_feature_statistics():
     model = common.VAE(1, 32, 4, 8, "mse", centre_mu=True)
     images = torch.randint(0, 256, (600, 1, 32, 32), dtype=torch.uint8)
     for _ in range(3):  # some training-mode forwards with drifting inputs leave lagging running stats
-        model(common.to_model_range(images[:64]) + torch.rand(1))
+        model.encoder(common.to_model_range(images[:64]) + torch.rand(1))
     common.recalibrate_batchnorm(model, images, batch_size=200)
     bn = model.encoder.to_mu[0]
     with torch.no_grad():

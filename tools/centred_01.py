@@ -3,9 +3,8 @@ can be compared with 01 on the same model. Takes 01's flags.
 
     python -m tools.centred_01 --out runs/01_centred
 
-It runs 01_vanilla_vae.py unchanged, with two substitutions: every VAE is built with
-centre_mu=True, and BatchNorm's statistics are recomputed over training images before the
-evaluation, as 02 does (common.recalibrate_batchnorm).
+It runs 01_vanilla_vae.py unchanged, with every VAE built with centre_mu=True; common.evaluate
+recomputes BatchNorm's statistics over training images before the evaluation, as for 02.
 """
 import runpy
 import sys
@@ -17,17 +16,6 @@ import common  # noqa: E402
 def main():
     signature = common.VAE.__init__.__defaults__  # (recon, channel_mean, centre_mu, spatial)
     common.VAE.__init__.__defaults__ = (signature[0], signature[1], True, signature[3])
-    load_data, evaluate, seen = common.load_data, common.evaluate, {}
-
-    def remembering_load_data(args):
-        seen["train"], test, factors = load_data(args)
-        return seen["train"], test, factors
-
-    def recalibrated_evaluate(model, *args, **kwargs):
-        common.recalibrate_batchnorm(model, seen["train"])
-        return evaluate(model, *args, **kwargs)
-
-    common.load_data, common.evaluate = remembering_load_data, recalibrated_evaluate
     sys.argv = ["01_vanilla_vae.py", *sys.argv[1:]]
     runpy.run_path(str(ROOT / "01_vanilla_vae.py"), run_name="__main__")
 
