@@ -109,7 +109,8 @@ def main(argv=None):
                                   device, args, train=train)
     run.finish(model, test, metrics, mu, test_factors,
                [("loss (nats/image)", ["loss"]), ("reconstruction", ["recon"]), ("KL", ["kl", "kl_offset"]), ("KL weight", ["beta"])],
-               effective_beta=args.beta * args.decoder_std ** 2 / metrics.get("decoder_std_fit", math.nan) ** 2)  # beta at sigma_fit
+               **({"effective_beta": args.beta * args.decoder_std ** 2 / metrics["decoder_std_fit"] ** 2}  # beta at sigma_fit
+                  if "decoder_std_fit" in metrics else {}))
     if metrics["test_kl"] < 1.0 or metrics["informative_dims"] <= 1:  # the code carries (almost) nothing
         print(f"warning: posterior collapse - KL {metrics['test_kl']:.2f} nats, {metrics['informative_dims']} dims over 0.1 nat: the "
               "decoder ignores z. Counter it with a smaller --beta, --kl-warmup-steps or --kl-cycles, or --free-bits.")

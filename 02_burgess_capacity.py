@@ -14,7 +14,6 @@ See:   runs/02_burgess_capacity/<dataset>-<time>/: curves.png (KL against C), kl
        C (correlation 1.00) to 24.9 nats; dims switch on at C 2.5, 3.1 (two), 5.0, 5.6 nats.
 Papers: Burgess et al. 2018, "Understanding disentangling in beta-VAE"; Higgins et al. 2017 (beta-VAE).
 """
-import math
 from pathlib import Path
 
 import torch
@@ -62,7 +61,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = common.choose_device(args)  # also seeds torch
     train, test, test_factors = common.load_data(args)
-    # centre_mu: mu = W BatchNorm(h), no bias after it, so in training the batch mean of mu is exactly 0
+    # centre_mu: mu = W BatchNorm(h), BN without scale or shift and no bias after it: in training the batch mean of mu is 0
     # and the information-free KL 1/2 ||E[mu]||^2 is closed (a code map: per channel)
     model = common.VAE(train.shape[1], args.image_size, args.latent_dim, args.width, args.recon,
                        channel_mean=common.channel_mean(train), spatial=args.latent == "spatial", centre_mu=True).to(device)

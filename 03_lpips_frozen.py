@@ -19,7 +19,6 @@ See:   runs/03_lpips_frozen/<dataset>-<time>/: recon.png, curves.png (the LPIPS 
        (test_lpips, lpips_incident_step). On photos (README) it keeps structure that 02 blurs away.
 Papers: Zhang et al. 2018 (LPIPS); Rombach et al. 2022 (latent diffusion's autoencoder loss).
 """
-import math
 from pathlib import Path
 
 import torch
@@ -81,7 +80,7 @@ def main(argv=None):
     perceptual.eval().requires_grad_(False)
     if args.lpips_random_backbone:
         print("warning: LPIPS has a RANDOM backbone (--lpips-random-backbone): its numbers are not a perceptual metric")
-    # centre_mu: mu = W BatchNorm(h), no bias after it, so in training the batch mean of mu is exactly 0
+    # centre_mu: mu = W BatchNorm(h), BN without scale or shift and no bias after it: in training the batch mean of mu is 0
     # and the information-free KL 1/2 ||E[mu]||^2 is closed (a code map: per channel)
     model = common.VAE(train.shape[1], args.image_size, args.latent_dim, args.width, args.recon,
                        channel_mean=common.channel_mean(train), spatial=args.latent == "spatial", centre_mu=True).to(device)
@@ -96,6 +95,7 @@ def main(argv=None):
     negative_weight_step, negative_lpips_step = (torch.zeros((), dtype=torch.long, device=device) for _ in range(2))
     run = common.Run(args, SCRIPT, device, train, model=model, optimizer=optimizer, lpips_lins=perceptual.lins,
                      negative_weight_step=negative_weight_step, negative_lpips_step=negative_lpips_step)
+    reported = set()  # incidents already reported
     encoder, decoder = (torch.compile(m) if args.compile else m for m in (model.encoder, model.decoder))
 
     for step in run.steps():
@@ -122,7 +122,8 @@ def main(argv=None):
         row = run.log(step, loss=loss, recon=recon, kl=kl_per_dim.sum(), kl_offset=0.5 * mu.mean(0).pow(2).sum(), capacity=target,
                       kl_dim=kl_per_dim, lpips=perceptual_per_image.mean(), lpips_lin_min=lowest_lin_weight(perceptual))
         for what, first in [("a lin weight", negative_weight_step), ("an image's LPIPS", negative_lpips_step)]:
-            if row and int(first) > row["step"] - args.log_every:  # say it loudly, once, and train on
+            if row and int(first) and what not in reported:  # say it loudly, once, and train on
+                reported.add(what)
                 run.bar.write(f"LPIPS INCIDENT at step {int(first)}: {what} went below zero. LPIPS is being trained, "
                               "not used: expect ripple noise. Freeze it (drop --unfreeze-lpips).")
 

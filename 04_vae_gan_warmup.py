@@ -21,7 +21,6 @@ Run:   python 04_vae_gan_warmup.py --lpips-random-backbone     # guarded
 See:   runs/04_vae_gan_warmup/<dataset>-<time>/: curves.png (dashed: D starts), recon.png, summary.json.
 Papers: Esser et al. 2021 (VQGAN); Rombach et al. 2022; Isola et al. 2017 (PatchGAN).
 """
-import math
 from pathlib import Path
 
 import torch
@@ -150,7 +149,7 @@ def collapse_symptoms(rows, disc_start_step):
     if row.get("adv_rec_grad_ratio", 0.0) > PULL_LIMIT:
         found["D outpulls the reconstruction"] = f"D's pull on the decoder is {row['adv_rec_grad_ratio']:.2g}x the reconstruction's"
     norms = sorted(r["dec_grad_norm"] for r in rows[:-1])
-    median = max(norms[(len(norms) - 1) // 2], 1e-8)  # the lower median: a rising run cannot drag it up
+    median = max(norms[(len(norms) - 1) // 2], 1e-8)  # the lower median of the rows before this one
     if row["dec_grad_norm"] > SPIKE_FACTOR * median:
         found["gradient spike"] = f"decoder gradient norm {row['dec_grad_norm']:.3g}, {row['dec_grad_norm'] / median:.0f}x the median before"
     if disc_start_step is not None and row["step"] > disc_start_step:
@@ -180,7 +179,7 @@ def main(argv=None):
     perceptual.eval().requires_grad_(False)
     if args.lpips_random_backbone:
         print("warning: LPIPS has a RANDOM backbone (--lpips-random-backbone): its numbers are not a perceptual metric")
-    # centre_mu: mu = W BatchNorm(h), no bias after it, so in training the batch mean of mu is exactly 0
+    # centre_mu: mu = W BatchNorm(h), BN without scale or shift and no bias after it: in training the batch mean of mu is 0
     # and the information-free KL 1/2 ||E[mu]||^2 is closed (a code map: per channel)
     model = common.VAE(train.shape[1], args.image_size, args.latent_dim, args.width, args.recon,
                        channel_mean=common.channel_mean(train), spatial=args.latent == "spatial", centre_mu=True).to(device)
@@ -205,6 +204,7 @@ def main(argv=None):
         disc_start_step = run.resumed["disc_start_step"]
     if args.compile:  # the adaptive weight backpropagates twice through one graph, which compiled backward
         torch._functorch.config.donated_buffer = False  # functions refuse while they reuse their buffers
+    reported = set()  # incidents already reported
     encoder, decoder, discriminator = (torch.compile(m) if args.compile else m for m in (model.encoder, model.decoder, disc))
 
     for step in run.steps():
@@ -263,7 +263,8 @@ def main(argv=None):
                       saturated=((raw.detach().abs() > 5) & ((reconstruction.detach() - x).abs() > 1)).float().mean(),
                       disc_factor=float(d_on))
         for what, first in [("a lin weight", negative_weight_step), ("an image's LPIPS", negative_lpips_step)]:
-            if row and int(first) > row["step"] - args.log_every:  # say it loudly, once, and train on
+            if row and int(first) and what not in reported:  # say it loudly, once, and train on
+                reported.add(what)
                 run.bar.write(f"LPIPS INCIDENT at step {int(first)}: {what} went below zero. LPIPS is being trained, "
                               "not used: expect ripple noise. Freeze it (drop --unfreeze-lpips).")
         if row and disc_start_step is None and auto_disc_start(run.rows, args.capacity_steps):
@@ -292,7 +293,7 @@ def main(argv=None):
                lpips_incident_step=min(incident) if incident else None,
                lpips_negative_weight_step=int(negative_weight_step) or None, lpips_negative_value_step=int(negative_lpips_step) or None,
                disc_start_step=disc_start_step, max_dec_grad_norm=float(max_dec_grad_norm),
-               max_adv_rec_grad_ratio=max(r["adv_rec_grad_ratio"] for r in run.rows), collapse_warnings=list(warnings_seen.values()))
+               max_adv_rec_grad_ratio=max([r["adv_rec_grad_ratio"] for r in run.rows], default=0.0), collapse_warnings=list(warnings_seen.values()))
 
 
 if __name__ == "__main__":
