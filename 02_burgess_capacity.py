@@ -1,17 +1,16 @@
 """02 - Burgess et al.'s capacity objective: set how many nats the code carries, and raise them slowly.
 
-01's beta and sigma set the price of a nat, not the number of nats: a high price gives a small,
-half-collapsed code, a low one a rich but tangled code. Burgess et al. (2018) pin the KL, a bound on
-the nats the code carries about an image, to a target C:  loss = recon + gamma * |KL - C|,  with C
+01's beta and sigma set the price of a nat, not their number. Burgess et al. (2018) pin the KL, a bound
+on the nats the code carries about an image, to a target C:  loss = recon + gamma * |KL - C|,  with C
 rising linearly from 0 to C_max, then held. gamma is large, so the KL follows C; while C is small the
-encoder spends its few nats where they lower the reconstruction most, so the dims switch on one after
-another. While KL < C any KL is rewarded, and one shift of every code (1/2 ||E[mu]||^2 nats) is KL
-without information: the encoder centres mu to close that route (metrics.csv: kl_offset).
+encoder spends its few nats where they help most, so the dims switch on (KL > 0.5 nats) one after
+another. Below C any KL is rewarded, even a shift of every code (1/2 ||E[mu]||^2 nats, no
+information): the encoder centres mu to close that route (metrics.csv: kl_offset).
 
 Run:   python 02_burgess_capacity.py                     # shapes, 64 px
-See:   runs/02_burgess_capacity/<dataset>-<time>/: curves.png (KL against C), kl_per_dim.png (each
-       dim's KL, marked where it switched on), traversals.png, summary.json. Default run: the KL follows
-       C (correlation 1.00) to 24.9 nats; dims switch on at C 2.5, 3.1 (two), 5.0, 5.6 nats.
+See:   runs/02_burgess_capacity/<dataset>-<time>/: curves.png (KL against C), kl_per_dim.png, traversals.png,
+       summary.json. Default run: the KL follows C (correlation 1.00) to 24.9 nats; dims switch on at
+       C 2.5, 3.1 (two), 5.0 and 5.6 nats.
 Papers: Burgess et al. 2018, "Understanding disentangling in beta-VAE"; Higgins et al. 2017 (beta-VAE).
 """
 from pathlib import Path
@@ -51,8 +50,7 @@ def recon_loss(raw, x, recon, decoder_std):
 
 
 def capacity(step, capacity_max, capacity_steps):
-    """The target C in nats at optimizer step `step`: 0 -> capacity_max linearly, then held. A function
-    of the step alone, so a resumed run continues C exactly where it stopped."""
+    """The target C in nats at optimizer step `step`: 0 -> capacity_max linearly, then held."""
     return capacity_max * min(1.0, step / capacity_steps) if capacity_steps else capacity_max
 
 
@@ -61,8 +59,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = common.choose_device(args)  # also seeds torch
     train, test, test_factors = common.load_data(args)
-    # centre_mu: mu = W BatchNorm(h), BN without scale or shift and no bias after it: in training the batch mean of mu is 0
-    # and the information-free KL 1/2 ||E[mu]||^2 is closed (a code map: per channel)
+    # centre_mu: mu = W BatchNorm(h), with no scale, shift or bias after the centring: the batch mean of mu is 0
     model = common.VAE(train.shape[1], args.image_size, args.latent_dim, args.width, args.recon,
                        channel_mean=common.channel_mean(train), spatial=args.latent == "spatial", centre_mu=True).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -96,6 +93,7 @@ def main(argv=None):
     run.finish(model, test, metrics, mu, test_factors,
                [("loss (nats/image)", ["loss"]), ("reconstruction", ["recon"]), ("KL follows C", ["kl", "capacity", "kl_offset"])],
                capacity_at=lambda step: capacity(step, args.capacity_max, args.capacity_steps), kl_capacity_correlation=follows)
+
 
 if __name__ == "__main__":
     main()

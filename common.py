@@ -406,6 +406,8 @@ def load_lpips(net, random_backbone, device):
     import torchvision
     url = {"alex": torchvision.models.AlexNet_Weights, "vgg": torchvision.models.VGG16_Weights,
            "squeeze": torchvision.models.SqueezeNet1_1_Weights}[net].IMAGENET1K_V1.url  # what lpips.LPIPS loads
+    if random_backbone:
+        print("warning: LPIPS has a RANDOM backbone (--lpips-random-backbone): its numbers are not a perceptual metric")
     try:  # quiet: torchvision's deprecation warning and the hub's messages would break the one-line error
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
@@ -585,7 +587,7 @@ class Run:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             fail(f"cannot create the output folder {self.out}: {e.strerror}")
-        args.out, self.start_step, self.rows, self.sums, self.count = str(self.out), 0, [], None, 0
+        args.out, self.start_step, self.rows, self.sums, self.count, self.numbers = str(self.out), 0, [], None, 0, {}
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
         self.write_json("config.json", {"script": script, "args": vars(args), "command": " ".join(sys.argv),
                                         "device": f"{device.type}: {name}", "threads": torch.get_num_threads(),
@@ -596,6 +598,7 @@ class Run:
                 obj.copy_(self.resumed[key]) if torch.is_tensor(obj) else obj.load_state_dict(self.resumed[key])
             self.start_step, self.count = self.resumed["step"], self.resumed["count"]
             self.sums = None if self.resumed["sums"] is None else self.resumed["sums"].to(device)
+            self.numbers = dict(self.resumed.get("numbers", {}))
             torch.set_rng_state(self.resumed["rng"])
             if self.resumed["cuda_rng"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(self.resumed["cuda_rng"])
@@ -620,19 +623,24 @@ class Run:
         return (step + 1) % self.args.log_every == 0 or step + 1 == self.total_steps
 
     def log(self, step, **terms):
-        """Hand over this step's terms. Tensors (scalars, or vectors that become columns name_0, name_1, ...)
-        are summed on the device and logged as their mean since the last row; numbers as they are at the
-        row's step. Returns the row when one was written, else None."""
+        """Hand over this step's terms; each column of metrics.csv is the mean since the last row. Tensors
+        (scalars, or vectors that become columns name_0, name_1, ...) are summed on the device; numbers on
+        the host, over the steps that gave one (None: not measured at this step). Returns the row when
+        one was written, else None."""
         values = torch.cat([v.detach().float().reshape(-1) for v in terms.values() if torch.is_tensor(v)])
         self.sums = values if self.sums is None else self.sums + values
+        for k, v in terms.items():
+            if v is not None and not torch.is_tensor(v):
+                total, n = self.numbers.get(k, (0.0, 0))
+                self.numbers[k] = (total + v, n + 1)
         self.count, self.timed_steps, done, row = self.count + 1, self.timed_steps + 1, step + 1, None
         self.bar.update(1)
         if self.logs(step):
             means, row = iter((self.sums / self.count).tolist()), {"step": done, "epoch": step // self.steps_per_epoch}
             for k, v in terms.items():  # ^ the one host sync of this row
-                if not torch.is_tensor(v):
-                    row[k] = v
-                else:
+                if not torch.is_tensor(v) and k in self.numbers:
+                    row[k] = self.numbers[k][0] / self.numbers[k][1]
+                elif torch.is_tensor(v):
                     row.update({k: next(means)} if v.dim() == 0 else {f"{k}_{i}": next(means) for i in range(v.numel())})
             if not all(math.isfinite(v) for v in row.values()):
                 self.diverged(done)
@@ -644,7 +652,7 @@ class Run:
                 writer.writeheader()
                 writer.writerows({k: f"{v:.6g}" for k, v in r.items()} for r in self.rows)
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "recon", "kl", "lpips", "d_loss")})
-            self.sums, self.count, self.train_time = None, 0, self.train_time + elapsed
+            self.sums, self.count, self.numbers, self.train_time = None, 0, {}, self.train_time + elapsed
             self.timer, self.timed_steps = time.perf_counter(), 0
         if done % self.steps_per_epoch == 0 or done == self.total_steps:
             modules = [p for obj in self.state.values() if isinstance(obj, nn.Module) for p in obj.parameters()]
@@ -656,7 +664,8 @@ class Run:
     def save(self, step):
         state = {k: v.clone() if torch.is_tensor(v) else v.state_dict() for k, v in self.state.items()}
         save_checkpoint(self.out / "checkpoint.pt", script=self.script, args=vars(self.args), step=step,
-                        total_steps=self.total_steps, sums=self.sums, count=self.count, **state, **self.extra())
+                        total_steps=self.total_steps, sums=self.sums, count=self.count, numbers=self.numbers,
+                        **state, **self.extra())
 
     def diverged(self, step):
         fail(f"training diverged at step {step} (non-finite loss or weights); "

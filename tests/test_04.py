@@ -63,14 +63,12 @@ def test_spectral_norm_on_by_default(gan04):
     assert gan04.PatchDiscriminator(3, 8)(torch.zeros(2, 3, 64, 64)).shape == (2, 1, 7, 7)  # a logit per patch
 
 
-def _rows(recon, kl=None, norm=None, saturated=None, every=50):
-    n = len(recon)
-    kl, norm, saturated = kl or [20.0] * n, norm or [30.0] * n, saturated or [0.0] * n
-    return [{"step": every * (i + 1), "recon": recon[i], "kl": kl[i], "dec_grad_norm": norm[i],
-             "saturated": saturated[i]} for i in range(n)]
+def _rows(recon, norm=None, every=50):
+    norm = norm or [30.0] * len(recon)
+    return [{"step": every * (i + 1), "recon": recon[i], "dec_grad_norm": norm[i]} for i in range(len(recon))]
 
 
-def test_collapse_monitor_fires_on_spike_rebound_drain_and_saturation(gan04):
+def test_collapse_monitor_fires_on_spike_and_rebound(gan04):
     flat = _rows([100.0] * 20)
     for i in range(2, 21):
         assert gan04.collapse_symptoms(flat[:i], disc_start_step=500) == {}  # quiet on a flat series
@@ -85,11 +83,8 @@ def test_collapse_monitor_fires_on_spike_rebound_drain_and_saturation(gan04):
     assert gan04.collapse_symptoms(early[:3], disc_start_step=0) == {}
     rising = _rows([100.0] * 8, norm=[10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0, 1280.0])
     assert set(gan04.collapse_symptoms(rising, disc_start_step=None)) == {"gradient spike"}  # 2x per row: 16x the lower median
-    drain = _rows([100.0] * 12, kl=[20.0] * 11 + [3.0])
-    assert set(gan04.collapse_symptoms(drain, disc_start_step=500)) == {"KL drain"}
-    assert set(gan04.collapse_symptoms(drain, disc_start_step=None)) == set()  # before D: not a GAN symptom
-    stuck = _rows([100.0] * 5, saturated=[0.0] * 4 + [0.2])
-    assert set(gan04.collapse_symptoms(stuck, disc_start_step=None)) == {"saturated outputs"}
+    rebound_before_d = _rows([100.0] * 10 + [160.0])
+    assert gan04.collapse_symptoms(rebound_before_d, disc_start_step=None) == {}  # before D: not a GAN symptom
 
 
 def test_collapse_monitor_flags_d_outpulling_the_reconstruction(gan04):
@@ -130,12 +125,12 @@ def test_short_run_leaves_every_contract_file(run04):
     assert summary["disc_start_step"] == 60 and summary["lpips_trainable_params"] == 0
     assert isinstance(summary["collapse_warnings"], list) and summary["max_dec_grad_norm"] > 0
     rows = read_rows(run04 / "metrics.csv")
-    for column in ["d_loss", "g_loss", "adaptive_weight", "disc_factor", "dec_grad_norm", "logits_real", "logits_fake",
+    for column in ["d_loss", "g_loss", "adv_weight", "disc_factor", "dec_grad_norm", "logits_real", "logits_fake",
                    "lpips", "capacity"]:
         assert column in rows[0], column
     before, after = [r for r in rows if r["step"] <= 60], [r for r in rows if r["step"] > 60]
-    assert all(r["disc_factor"] == 0 and r["d_loss"] == 0 and r["adaptive_weight"] == 0 for r in before)
-    assert all(r["disc_factor"] == 1 and r["d_loss"] > 0 and r["adaptive_weight"] > 0 for r in after)
+    assert all(r["disc_factor"] == 0 and r["d_loss"] == 0 and r["adv_weight"] == 0 for r in before)
+    assert all(r["disc_factor"] == 1 and r["d_loss"] > 0 and r["adv_weight"] > 0 for r in after)
     # D's pull over the whole decoder is measured on each logged step once D is on, and is not the
     # 0.5 that the adaptive weight fixes at the last layer alone.
     assert all(r["adv_rec_grad_ratio"] == 0 for r in before)
@@ -188,7 +183,7 @@ def test_resume_continues_d_and_its_start(gan04, tmp_path):
     straight, resumed = (read_rows(tmp_path / name / "metrics.csv") for name in ("straight", "resumed"))
     assert [r["step"] for r in resumed] == [r["step"] for r in straight]
     for a, b in zip(resumed, straight):
-        for key in ["loss", "recon", "d_loss", "adaptive_weight", "logits_fake"]:
+        for key in ["loss", "recon", "d_loss", "adv_weight", "logits_fake"]:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
     summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("straight", "resumed")]
     assert summaries[0]["disc_start_step"] == summaries[1]["disc_start_step"] == 20

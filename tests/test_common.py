@@ -247,8 +247,8 @@ def test_batches_are_a_fixed_permutation_per_epoch():
 
 
 def test_run_logs_means_without_per_step_sync_and_resume_keeps_earlier_rows(tmp_path):
-    # Tensors are averaged over the steps of a row, vectors become columns, numbers are logged as they
-    # are at the row's step; a resumed run keeps the rows up to its checkpoint and the partial sums.
+    # Tensors and numbers are averaged over the steps of a row (numbers over the steps that gave one),
+    # vectors become columns; a resumed run keeps the rows up to its checkpoint and the partial sums.
     args = argparse.Namespace(batch_size=2, seed=0, epochs=1, steps=1, max_steps=0, log_every=3, resume=None,
                               out=str(tmp_path), dataset="shapes")
     images = torch.zeros(8, 1, 2, 2, dtype=torch.uint8)  # 4 steps per epoch
@@ -257,19 +257,24 @@ def test_run_logs_means_without_per_step_sync_and_resume_keeps_earlier_rows(tmp_
             for step in run.steps()]
     assert rows[0] is None and rows[1] is None  # no row, no host sync
     assert {k: rows[2][k] for k in ("step", "loss", "kl_0", "kl_1", "beta")} == pytest.approx(
-        {"step": 3, "loss": 1.0, "kl_0": 1.0, "kl_1": -2.0, "beta": 0.2})
+        {"step": 3, "loss": 1.0, "kl_0": 1.0, "kl_1": -2.0, "beta": 0.1})
     assert rows[3]["step"] == 4 and rows[3]["loss"] == 3.0  # the last step always ends a row, reset after each
     assert common.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 4  # the epoch's end
     (tmp_path / "checkpoint.pt").rename(tmp_path / "end.pt")
     args.max_steps, args.log_every, args.out = 0, 3, str(tmp_path)
     common.save_checkpoint(tmp_path / "mid.pt", script="01_vanilla_vae", args=vars(args), step=2, total_steps=4,
-                           sums=torch.tensor([1.0, 1.0, -2.0]), count=2)
+                           sums=torch.tensor([1.0, 1.0, -2.0]), count=2, numbers={"beta": (0.1, 2)})
     resumed = common.Run(argparse.Namespace(**dict(vars(args), resume=str(tmp_path / "mid.pt"))), "01_vanilla_vae",
                          torch.device("cpu"), images)
     assert [r["step"] for r in resumed.rows] == []  # the rows after step 2 (3 and 4) are dropped
     row = [resumed.log(step, loss=torch.tensor(float(step)), kl=torch.tensor([step, -2.0 * step]), beta=step / 10)
            for step in resumed.steps()][0]
     assert row["step"] == 3 and row["loss"] == pytest.approx(1.0) and row["kl_1"] == pytest.approx(-2.0)
+    assert row["beta"] == pytest.approx(0.1)
+    other = common.Run(argparse.Namespace(**dict(vars(args), out=str(tmp_path / "other"), max_steps=3)), "01_vanilla_vae",
+                       torch.device("cpu"), images)
+    ratios = [other.log(step, loss=torch.tensor(0.0), ratio=0.5 if step == 2 else None) for step in other.steps()]
+    assert ratios[2]["ratio"] == 0.5  # measured once in the row, not diluted by the steps without it
 
 
 def test_checkpoint_is_atomic_and_bad_files_exit_2(tmp_path, capsys):
