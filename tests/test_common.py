@@ -380,8 +380,6 @@ def test_celeba_crop_is_the_148_px_box_at_the_centre(tmp_path):
 
 
 def test_mnist_is_padded_with_a_zero_border_keeping_every_pixel(tmp_path, monkeypatch):
-    import gzip
-    import argparse
     import torchvision.datasets.mnist as tv_mnist
     monkeypatch.setattr(tv_mnist, "download_and_extract_archive", no_network)
     raw = tmp_path / "MNIST" / "raw"

@@ -249,7 +249,7 @@ def main():
         print(f"Fashion-MNIST, 784 pixels, {q['wall_s']:.0f} s each: 01 --recon bce -ELBO {q['ours_test_neg_elbo']:.1f} nats "
               f"({q['ours_epochs']:.1f} epochs), MLP VAE {q['mlp_test_neg_elbo']:.1f} nats ({q['mlp_epochs']:.1f} epochs)")
     if args.json:
-        common.write_json(args.json, results)
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

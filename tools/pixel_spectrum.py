@@ -10,7 +10,6 @@ next) lets the dims switch on one at a time; a flat one, with near-equal varianc
 switch on together.
 """
 import argparse
-from pathlib import Path
 
 import torch
 
