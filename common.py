@@ -46,7 +46,7 @@ def base_parser(script, doc, steps):
     add("--latent", choices=["vector", "spatial"], default=None, help="one code vector per image, or a map of codes, "
         "one per 4 x 4 pixel patch (default: spatial for cifar10, celeba, folder; vector otherwise)")
     add("--latent-dim", type=int, default=None, help="dims of the code vector, or channels of the code map "
-        "(default: 10 vector, 4 spatial)")
+        "(default: 4 for a code map; a vector: 10, 64 for photos)")
     add("--decoder-std", type=float, default=None, help="sigma of the Gaussian decoder on [-1, 1] pixels: the price "
         "of detail, see 01 (default: 0.7071, i.e. variance 1/2; 0.1 for a code map)")
     add("--width", type=int, default=32, help="channels of the first conv; 64-128 on a GPU (default: 32)")
@@ -76,7 +76,7 @@ def parse_args(parser, argv=None):
     photos = args.dataset in ("cifar10", "celeba", "folder")
     args.image_size = args.image_size or (64 if args.dataset in ("shapes", "celeba", "folder") else 32)
     args.latent = args.latent or ("spatial" if photos else "vector")
-    args.latent_dim = args.latent_dim or (4 if args.latent == "spatial" else 10)
+    args.latent_dim = args.latent_dim or (4 if args.latent == "spatial" else 64 if photos else 10)
     # a code map carries a photo only if detail is priced near the size of its errors (01)
     if args.decoder_std is None:
         args.decoder_std = 0.1 if args.latent == "spatial" else math.sqrt(0.5)

@@ -198,3 +198,14 @@ def test_disc_start_given_with_resume_overrides_the_saved_one(gan04, tmp_path):
     rows = read_rows(tmp_path / "metrics.csv")
     assert [r["disc_factor"] for r in rows] == [0, 0, 0, 1]  # D on from step 30 (rows at 10, 20, 30, 40)
     assert json.loads((tmp_path / "summary.json").read_text())["disc_start_step"] == 30
+
+
+def test_fixed_weight_is_priced_like_the_pixel_terms(tmp_path):
+    # --no-adaptive-weight: lambda = disc_weight / (2 sigma^2), the factor that also divides the squared
+    # error, so one command means the same pull at sigma^2 = 1/2 (shapes) and sigma 0.1 (photos).
+    result = run_cli("04_vae_gan_warmup", *QUICK, "--lpips-random-backbone", "--max-steps", "20", "--disc-start", "0",
+                     "--no-adaptive-weight", "--disc-weight", "3", "--decoder-std", "0.5", "--log-every", "10",
+                     "--out", tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = read_rows(tmp_path / "metrics.csv")
+    assert [r["adv_weight"] for r in rows] == pytest.approx([3 / (2 * 0.5 ** 2)] * 2)

@@ -277,6 +277,19 @@ def test_run_logs_means_without_per_step_sync_and_resume_keeps_earlier_rows(tmp_
     assert ratios[2]["ratio"] == 0.5  # measured once in the row, not diluted by the steps without it
 
 
+def test_default_length_is_the_chapters_steps_in_whole_epochs(tmp_path):
+    # Without --epochs a run lasts the chapter's `steps`, rounded up to whole epochs, so a small photo
+    # folder trains as long as the built-in data; --epochs and --max-steps still rule when given.
+    args = argparse.Namespace(batch_size=2, seed=0, epochs=None, steps=10, max_steps=0, log_every=5, resume=None,
+                              out=str(tmp_path), dataset="folder")
+    images = torch.zeros(8, 1, 2, 2, dtype=torch.uint8)  # 4 steps per epoch
+    assert common.Run(args, "01_vanilla_vae", torch.device("cpu"), images).total_steps == 12  # 3 epochs
+    args.epochs = 1
+    assert common.Run(args, "01_vanilla_vae", torch.device("cpu"), images).total_steps == 4
+    args.epochs, args.max_steps = None, 7
+    assert common.Run(args, "01_vanilla_vae", torch.device("cpu"), images).total_steps == 7
+
+
 def test_checkpoint_is_atomic_and_bad_files_exit_2(tmp_path, capsys):
     path = tmp_path / "checkpoint.pt"
     common.save_checkpoint(path, step=3, model={"w": torch.ones(2)})
