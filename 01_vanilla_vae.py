@@ -32,7 +32,7 @@ def parse_args(argv=None):
     parser.add_argument("--beta", type=float, default=1.0, help="weight of the KL; 1 = the true ELBO (default: 1.0)")
     parser.add_argument("--kl-warmup-steps", type=int, default=0, help="ramp beta up from 0 over these steps (default: 0)")
     parser.add_argument("--kl-cycles", type=int, default=0, help="repeat a 0 -> beta ramp this many times (default: 0)")
-    parser.add_argument("--free-bits", type=float, default=0.0, help="per-dim KL floor, nats (default: 0)")
+    parser.add_argument("--free-bits", type=float, default=0.0, help="KL floor per dim (code map: per channel), nats (default: 0)")
     args = common.parse_args(parser, argv)
     if min(args.beta, args.free_bits, args.kl_warmup_steps, args.kl_cycles) < 0:
         common.fail("--beta, --free-bits, --kl-warmup-steps and --kl-cycles must not be negative")
@@ -97,7 +97,7 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        # kl_offset: the KL that one shift of every code costs, information-free (02 closes that route)
+        # kl_offset: the KL of one shift of every code, no information (from 02 on, centring mu closes it)
         run.log(step, loss=loss, recon=recon, kl=kl_per_dim.sum(), kl_offset=0.5 * mu.mean(0).pow(2).sum(), beta=beta,
                 kl_dim=kl_per_dim)
 
@@ -107,7 +107,7 @@ def main(argv=None):
     run.finish(model, test, metrics, mu, test_factors,
                [("loss (nats/image)", ["loss"]), ("reconstruction", ["recon"]), ("KL", ["kl", "kl_offset"]), ("KL weight", ["beta"])],
                effective_beta=args.beta * args.decoder_std ** 2 / metrics["decoder_std_fit"] ** 2 if args.recon == "mse" else None)
-    if metrics["test_kl"] < 1.0 or metrics["informative_dims"] <= 1:  # the code carries (almost) nothing
+    if metrics["test_kl"] < 1.0 or metrics["informative_dims"] <= 1 < args.latent_dim:  # the code carries (almost) nothing
         print(f"warning: posterior collapse - KL {metrics['test_kl']:.2f} nats, {metrics['informative_dims']} dims over 0.1 nat: the "
               "decoder ignores z. Counter it with a smaller --beta, --kl-warmup-steps or --kl-cycles, or --free-bits.")
 

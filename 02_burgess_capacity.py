@@ -59,7 +59,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = common.choose_device(args)  # also seeds torch
     train, test, test_factors = common.load_data(args)
-    # centre_mu: mu = W BatchNorm(h), with no scale, shift or bias after the centring: the batch mean of mu is 0
+    # centre_mu: mu = W BatchNorm(h), no scale, shift or bias after the centring: batch mean of mu 0 (code map: per channel)
     model = common.VAE(train.shape[1], args.image_size, args.latent_dim, args.width, args.recon,
                        channel_mean=common.channel_mean(train), spatial=args.latent == "spatial", centre_mu=True).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -81,7 +81,7 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        # kl_offset: the KL that one shift of every code costs, information-free (02 closes that route)
+        # kl_offset: the KL of one shift of every code, no information (from 02 on, centring mu closes it)
         run.log(step, loss=loss, recon=recon, kl=kl_per_dim.sum(), kl_offset=0.5 * mu.mean(0).pow(2).sum(), capacity=target,
                 kl_dim=kl_per_dim)
 

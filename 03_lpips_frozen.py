@@ -63,12 +63,12 @@ def main(argv=None):
     # lpips.LPIPS freezes only its backbone; its lin heads still require grad. Freeze all of it, in eval
     # mode: it is a fixed metric, not part of the model.
     perceptual.eval().requires_grad_(False)
-    # centre_mu: mu = W BatchNorm(h), with no scale, shift or bias after the centring: the batch mean of mu is 0
+    # centre_mu: mu = W BatchNorm(h), no scale, shift or bias after the centring: batch mean of mu 0 (code map: per channel)
     model = common.VAE(train.shape[1], args.image_size, args.latent_dim, args.width, args.recon,
                        channel_mean=common.channel_mean(train), spatial=args.latent == "spatial", centre_mu=True).to(device)
-    if args.unfreeze_lpips:  # the incident, on purpose: the lin heads join the optimizer
-        perceptual.lins.requires_grad_(True)
-    assert args.unfreeze_lpips or not any(p.requires_grad for p in perceptual.parameters())  # checked, not assumed
+    perceptual.lins.requires_grad_(args.unfreeze_lpips)  # --unfreeze-lpips: the incident, on purpose
+    if not args.unfreeze_lpips and any(p.requires_grad for p in perceptual.parameters()):  # checked, not assumed
+        raise RuntimeError("an LPIPS parameter still requires grad")
     optimizer = torch.optim.Adam([*model.parameters(), *(p for p in perceptual.parameters() if p.requires_grad)], lr=args.lr)
     negative_weight_step, negative_lpips_step = (torch.zeros((), dtype=torch.long, device=device) for _ in range(2))
     run = common.Run(args, SCRIPT, device, train, model=model, optimizer=optimizer, lpips_lins=perceptual.lins,
@@ -96,7 +96,7 @@ def main(argv=None):
         if args.unfreeze_lpips:
             negative_weight_step.masked_fill_((negative_weight_step == 0) & (lowest_lin_weight(perceptual) < 0), step + 1)
         negative_lpips_step.masked_fill_((negative_lpips_step == 0) & (perceptual_per_image.min() < 0), step + 1)
-        # kl_offset: the KL that one shift of every code costs, information-free (02 closes that route)
+        # kl_offset: the KL of one shift of every code, no information (from 02 on, centring mu closes it)
         run.log(step, loss=loss, recon=recon, kl=kl_per_dim.sum(), kl_offset=0.5 * mu.mean(0).pow(2).sum(), capacity=target,
                 kl_dim=kl_per_dim, lpips=perceptual_per_image.mean(), lpips_lin_min=lowest_lin_weight(perceptual))
 

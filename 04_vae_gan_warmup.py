@@ -42,7 +42,7 @@ def parse_args(argv=None):
     parser.add_argument("--disc-start", default="auto", type=step_or_auto, help="step at which D starts, or 'auto' (default: auto)")
     parser.add_argument("--disc-weight", type=float, default=0.5, help="scale of lambda, latent-diffusion's (default: 0.5)")
     parser.add_argument("--no-adaptive-weight", action="store_true",
-                        help="lambda = --disc-weight / (2 sigma^2), priced like the pixel terms (default: off)")
+                        help="lambda = --disc-weight / (2 sigma^2), divided like the pixel terms (default: off)")
     parser.add_argument("--disc-lr", type=float, default=1e-4, help="D's Adam learning rate (default: 0.0001)")
     args = common.parse_args(parser, argv)
     args.recon = "mse"  # from here on a Gaussian decoder: LPIPS compares images in [-1, 1]
@@ -71,10 +71,10 @@ class PatchDiscriminator(nn.Sequential):
 
     def __init__(self, channels, width, spectral_norm=True):
         norm = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda layer: layer)
-        super().__init__(norm(nn.Conv2d(channels, width, 4, stride=2, padding=1)), nn.LeakyReLU(0.2),  # (B, w, 32, 32)
-                         norm(nn.Conv2d(width, 2 * width, 4, stride=2, padding=1)), nn.LeakyReLU(0.2),  # (B, 2w, 16, 16)
-                         norm(nn.Conv2d(2 * width, 4 * width, 4, stride=2, padding=1)), nn.LeakyReLU(0.2),  # (B, 4w, 8, 8)
-                         norm(nn.Conv2d(4 * width, 1, 4, stride=1, padding=1)))  # (B, 1, 7, 7) logits
+        super().__init__(norm(nn.Conv2d(channels, width, 4, stride=2, padding=1)), nn.LeakyReLU(0.2),  # (B, w, H/2, W/2)
+                         norm(nn.Conv2d(width, 2 * width, 4, stride=2, padding=1)), nn.LeakyReLU(0.2),  # (B, 2w, H/4, W/4)
+                         norm(nn.Conv2d(2 * width, 4 * width, 4, stride=2, padding=1)), nn.LeakyReLU(0.2),  # (B, 4w, H/8, W/8)
+                         norm(nn.Conv2d(4 * width, 1, 4, stride=1, padding=1)))  # (B, 1, H/8 - 1, W/8 - 1) logits
 
 
 def hinge_d_loss(logits_real, logits_fake):
@@ -146,12 +146,12 @@ def main(argv=None):
     # lpips.LPIPS freezes only its backbone; its lin heads still require grad. Freeze all of it, in eval
     # mode: it is a fixed metric, not part of the model.
     perceptual.eval().requires_grad_(False)
-    # centre_mu: mu = W BatchNorm(h), with no scale, shift or bias after the centring: the batch mean of mu is 0
+    # centre_mu: mu = W BatchNorm(h), no scale, shift or bias after the centring: batch mean of mu 0 (code map: per channel)
     model = common.VAE(train.shape[1], args.image_size, args.latent_dim, args.width, args.recon,
                        channel_mean=common.channel_mean(train), spatial=args.latent == "spatial", centre_mu=True).to(device)
-    if args.unfreeze_lpips:  # the incident, on purpose: the lin heads join the optimizer
-        perceptual.lins.requires_grad_(True)
-    assert args.unfreeze_lpips or not any(p.requires_grad for p in perceptual.parameters())  # checked, not assumed
+    perceptual.lins.requires_grad_(args.unfreeze_lpips)  # --unfreeze-lpips: the incident, on purpose
+    if not args.unfreeze_lpips and any(p.requires_grad for p in perceptual.parameters()):  # checked, not assumed
+        raise RuntimeError("an LPIPS parameter still requires grad")
     optimizer = torch.optim.Adam([*model.parameters(), *(p for p in perceptual.parameters() if p.requires_grad)], lr=args.lr)
     disc = PatchDiscriminator(train.shape[1], args.width).to(device)
     disc_optimizer = torch.optim.Adam(disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9))
@@ -161,9 +161,10 @@ def main(argv=None):
     run = common.Run(args, SCRIPT, device, train, model=model, optimizer=optimizer, lpips_lins=perceptual.lins,
                      negative_weight_step=negative_weight_step, negative_lpips_step=negative_lpips_step, disc=disc,
                      disc_optimizer=disc_optimizer, max_dec_grad_norm=max_dec_grad_norm,
-                     extra=lambda: {"disc_start_step": disc_start_step})
+                     extra=lambda: {"disc_start_step": disc_start_step, "warnings_seen": warnings_seen})
     if run.resumed and args.disc_start == run.resumed["args"]["disc_start"]:  # else --disc-start given now wins
         disc_start_step = run.resumed["disc_start_step"]
+    warnings_seen.update(run.resumed["warnings_seen"] if run.resumed else {})  # the collapse warnings so far
     if args.compile:  # the adaptive weight backpropagates twice through one graph, which compiled backward
         torch._functorch.config.donated_buffer = False  # functions refuse while they reuse their buffers
     encoder, decoder, discriminator = (torch.compile(m) if args.compile else m for m in (model.encoder, model.decoder, disc))
@@ -192,7 +193,7 @@ def main(argv=None):
             with common.autocast(device, args):
                 logits_fake = discriminator(reconstruction).float()
             g_loss = -logits_fake.mean()  # hinge generator loss: raise D's opinion of the reconstructions
-            weight = (torch.tensor(args.disc_weight / (2 * args.decoder_std ** 2), device=device)  # priced like pixels
+            weight = (torch.tensor(args.disc_weight / (2 * args.decoder_std ** 2), device=device)  # divided like the pixels
                       if args.no_adaptive_weight else adaptive_weight(rec_loss, g_loss, model.decoder.conv_out.weight, args.disc_weight))
             if run.logs(step):  # over the whole decoder
                 grad_ratio = float(adv_rec_grad_ratio(rec_loss, weight * g_loss, list(model.decoder.parameters())))
@@ -214,13 +215,13 @@ def main(argv=None):
         if args.unfreeze_lpips:
             negative_weight_step.masked_fill_((negative_weight_step == 0) & (lowest_lin_weight(perceptual) < 0), step + 1)
         negative_lpips_step.masked_fill_((negative_lpips_step == 0) & (perceptual_per_image.min() < 0), step + 1)
-        # kl_offset: the KL that one shift of every code costs, information-free (02 closes that route)
+        # kl_offset: the KL of one shift of every code, no information (from 02 on, centring mu closes it)
         row = run.log(step, loss=loss, recon=recon, kl=kl_per_dim.sum(), kl_offset=0.5 * mu.mean(0).pow(2).sum(), capacity=target,
                       kl_dim=kl_per_dim, lpips=perceptual_per_image.mean(), lpips_lin_min=lowest_lin_weight(perceptual),
                       d_loss=d_loss, g_loss=g_loss, adv_weight=weight, logits_real=logits_real.mean(),
                       logits_fake=logits_fake.mean(), dec_grad_norm=dec_grad_norm, adv_rec_grad_ratio=grad_ratio,
                       disc_factor=float(d_on))
-        if row and disc_start_step is None and auto_disc_start(run.rows, args.capacity_steps):
+        if row and disc_start_step is None and auto_disc_start(run.rows, args.capacity_steps, max(200, args.log_every)):
             disc_start_step = row["step"]
             run.bar.write(f"step {disc_start_step}: recon has levelled off, the discriminator starts")
         for symptom, message in (collapse_symptoms(run.rows, disc_start_step) if row else {}).items():
