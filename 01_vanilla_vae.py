@@ -93,7 +93,7 @@ def main(argv=None):
         recon = recon_loss(raw.float(), x, args.recon, args.decoder_std).mean()  # nats per image
         # KL(N(mu, sigma^2) || N(0, 1)) = 1/2 (mu^2 + sigma^2 - 1 - log sigma^2) per dim, batch mean, (D,)
         kl_per_dim = common.kl_per_dim(mu, logvar)
-        loss = recon + beta * kl_penalty(kl_per_dim, args.free_bits)  # -ELBO at beta 1, no free bits
+        loss = recon + beta * kl_penalty(kl_per_dim, args.free_bits)  # -ELBO (up to a constant) at beta 1, no free bits
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
