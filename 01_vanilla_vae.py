@@ -107,9 +107,9 @@ def main(argv=None):
     run.finish(model, test, metrics, mu, test_factors,
                [("loss (nats/image)", ["loss"]), ("reconstruction", ["recon"]), ("KL", ["kl", "kl_offset"]), ("KL weight", ["beta"])],
                effective_beta=args.beta * args.decoder_std ** 2 / metrics["decoder_std_fit"] ** 2 if args.recon == "mse" else None)
-    if metrics["test_kl"] < 1.0 or metrics["informative_dims"] <= 1 < args.latent_dim:  # the code carries (almost) nothing
-        print(f"warning: posterior collapse - KL {metrics['test_kl']:.2f} nats, {metrics['informative_dims']} dims over 0.1 nat: the "
-              "decoder ignores z. Counter it with a smaller --beta, --kl-warmup-steps or --kl-cycles, or --free-bits.")
+    if metrics["test_kl"] < 1.0 or metrics["informative_dims"] <= 1 < args.latent_dim:  # z unused, or all but one of its dims
+        print(f"warning: posterior collapse - {metrics['informative_dims']} of {args.latent_dim} dims carry over 0.1 nat, KL {metrics['test_kl']:.2f} "
+              "nats in all: the decoder ignores (most of) z. Counter it with a smaller --beta, --kl-warmup-steps or --kl-cycles, or --free-bits.")
 
 
 if __name__ == "__main__":
