@@ -686,7 +686,8 @@ class Run:
                    **metrics, **summary}
         if capacity_at:  # 02 on: the final C
             summary["capacity_final"] = capacity_at(self.total_steps)
-        # when did each dim switch on, and (on shapes) which true factor does it know most about?
+        # when did each dim switch on, and (on shapes, a code vector) which true factor does it know most about?
+        test_factors = test_factors if mu.dim() == 2 else None  # a code map's channel has no single value per image
         summary["switch_on"] = switch_on(self.rows, metrics["kl_per_dim"], mu, test_factors, capacity_at)
         if test_factors is not None:  # shapes knows its true factors: MIG (histogram estimate on mu)
             summary["mig"], summary["mig_per_factor"] = mutual_information_gap(mu, test_factors[:len(mu)])

@@ -188,3 +188,15 @@ def test_centred_01_runs_01_on_the_centred_encoder(tmp_path):
     assert state["script"] == "01_vanilla_vae" and "encoder.to_mu.0.running_mean" in state["model"]
     assert "encoder.to_mu.1.bias" not in state["model"]
     assert "beta" in read_rows(tmp_path / "metrics.csv")[0]  # 01's objective, not 02's capacity
+
+
+def test_a_code_map_on_shapes_leaves_every_output(tmp_path):
+    # The factor analysis (MIG, what each dim knows) needs one value per dim and image: a code vector.
+    result = run_cli("02_burgess_capacity", "--image-size", "32", "--latent", "spatial", "--max-steps", "10",
+                     "--log-every", "5", "--out", tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "mig" not in summary and len(summary["kl_per_dim"]) == 4  # 4 channels, each over 8 x 8 positions
+    assert all("knows_most_about" not in e for e in summary["switch_on"])
+    for name in ["recon.png", "samples.png", "traversals.png", "kl_per_dim.png", "curves.png"]:
+        assert (tmp_path / name).stat().st_size > 0
