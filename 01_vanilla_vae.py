@@ -91,19 +91,19 @@ def main(argv=None):
             z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
             raw = decoder(z)
         recon = recon_loss(raw.float(), x, args.recon, args.decoder_std).mean()  # nats per image
-        # KL(N(mu, sigma^2) || N(0, 1)) = 1/2 (mu^2 + sigma^2 - 1 - log sigma^2) per dim, batch mean, (D,)
+        # KL(N(mu, sigma^2) || N(0, 1)) = 1/2 (mu^2 + sigma^2 - 1 - log sigma^2) per dim, batch mean, (D,); a code map's dim: a channel, over all positions
         kl_per_dim = common.kl_per_dim(mu, logvar)
         loss = recon + beta * kl_penalty(kl_per_dim, args.free_bits)  # -ELBO (up to a constant) at beta 1, no free bits
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        # kl_offset: the KL of one shift of every code, no information (from 02 on, centring mu closes it)
+        # kl_offset: the KL of one shift of every code, no information (from 02 on, centring closes it for a code vector)
         run.log(step, loss=loss, recon=recon, kl=kl_per_dim.sum(), kl_offset=0.5 * mu.mean(0).pow(2).sum(), beta=beta,
                 kl_dim=kl_per_dim)
 
     # ------------------------------------------------------------------------- evaluation and outputs
     metrics, mu = common.evaluate(model, test, lambda raw, x: recon_loss(raw, x, args.recon, args.decoder_std),
-                                  device, args, train=train)
+                                  device, args, train=train)  # train: BatchNorm statistics (02 on) recomputed with the final weights
     run.finish(model, test, metrics, mu, test_factors,
                [("loss (nats/image)", ["loss"]), ("reconstruction", ["recon"]), ("KL", ["kl", "kl_offset"]), ("KL weight", ["beta"])],
                effective_beta=args.beta * args.decoder_std ** 2 / metrics["decoder_std_fit"] ** 2 if args.recon == "mse" else None)

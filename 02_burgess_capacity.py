@@ -4,8 +4,8 @@
 on the nats the code carries about an image, to a target C:  loss = recon + gamma * |KL - C|,  with C
 rising linearly from 0 to C_max, then held. gamma is large, so the KL follows C; while C is small the
 encoder spends its few nats where they help most, so the dims switch on (KL > 0.5 nats) one after
-another. Below C any KL is rewarded, even a shift of every code (1/2 ||E[mu]||^2 nats, no
-information): the encoder centres mu to close that route (metrics.csv: kl_offset).
+another. Below C any KL is rewarded, even a shift of every code (1/2 ||E[mu]||^2 nats, no information):
+the encoder centres mu (a code map: per channel only), closing that route for a code vector (kl_offset).
 
 Run:   python 02_burgess_capacity.py                     # shapes, 64 px
 See:   runs/02_burgess_capacity/<dataset>-<time>/: curves.png (KL against C), kl_per_dim.png, traversals.png,
@@ -75,19 +75,19 @@ def main(argv=None):
             z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
             raw = decoder(z)
         recon = recon_loss(raw.float(), x, args.recon, args.decoder_std).mean()  # nats per image
-        # KL(N(mu, sigma^2) || N(0, 1)) = 1/2 (mu^2 + sigma^2 - 1 - log sigma^2) per dim, batch mean, (D,)
+        # KL(N(mu, sigma^2) || N(0, 1)) = 1/2 (mu^2 + sigma^2 - 1 - log sigma^2) per dim, batch mean, (D,); a code map's dim: a channel, over all positions
         kl_per_dim = common.kl_per_dim(mu, logvar)
         loss = recon + args.gamma * (kl_per_dim.sum() - target).abs()  # Burgess et al.'s objective
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        # kl_offset: the KL of one shift of every code, no information (from 02 on, centring mu closes it)
+        # kl_offset: the KL of one shift of every code, no information (from 02 on, centring closes it for a code vector)
         run.log(step, loss=loss, recon=recon, kl=kl_per_dim.sum(), kl_offset=0.5 * mu.mean(0).pow(2).sum(), capacity=target,
                 kl_dim=kl_per_dim)
 
     # ------------------------------------------------------------------------- evaluation and outputs
     metrics, mu = common.evaluate(model, test, lambda raw, x: recon_loss(raw, x, args.recon, args.decoder_std),
-                                  device, args, train=train)
+                                  device, args, train=train)  # train: BatchNorm statistics (02 on) recomputed with the final weights
     ramp = [[r["kl"], r["capacity"]] for r in run.rows if r["step"] <= args.capacity_steps]  # does the KL follow C?
     follows = torch.corrcoef(torch.tensor(ramp).T)[0, 1].item() if len(ramp) > 2 else None
     run.finish(model, test, metrics, mu, test_factors,

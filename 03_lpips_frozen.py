@@ -3,7 +3,7 @@
 Under a Gaussian likelihood the best guess at an uncertain edge is the average of its positions: blur.
 LPIPS (Zhang et al. 2018) compares images through a fixed network's features (AlexNet) weighted by
 learned "lin" heads, where a blurred edge costs more. Added to 02 per pixel value (P = C x H x W, as
-latent-diffusion does):  loss = [sum (x - m)^2 + lpips_weight * P * LPIPS] / (2 sigma^2) + gamma * |KL - C|.
+latent diffusion scales it):  loss = [sum (x - m)^2 + lpips_weight * P * LPIPS] / (2 sigma^2) + gamma * |KL - C|.
 The trap: lpips.LPIPS freezes only its backbone. Lin heads that reach an optimizer are driven below
 zero, the "distance" turns negative, and the decoder is paid to paint ripple noise. So LPIPS is frozen
 whole, in eval mode, out of the optimizer, and checked; --unfreeze-lpips replays the incident.
@@ -22,7 +22,7 @@ SCRIPT = Path(__file__).stem
 
 
 def parse_args(argv=None):
-    parser = common.base_parser(SCRIPT, __doc__, steps=750)
+    parser = common.base_parser(SCRIPT, __doc__, steps=750)  # 02's 3,000 / 4 (with C's ramp): a step with LPIPS costs over 2x
     parser.add_argument("--gamma", type=float, default=100.0, help="weight of |KL - C| (default: 100)")
     parser.add_argument("--capacity-max", type=float, default=None, help="C_max, nats (default: 25; code map: 1.5 per value)")
     parser.add_argument("--capacity-steps", type=int, default=500, help="steps over which C rises to C_max (default: 500)")
@@ -85,7 +85,7 @@ def main(argv=None):
             raw = decoder(z)
         recon = recon_loss(raw.float(), x, args.decoder_std).mean()  # nats per image
         perceptual_per_image = common.lpips_distance(perceptual, torch.tanh(raw.float()), x)  # (B,), in float32
-        # KL(N(mu, sigma^2) || N(0, 1)) = 1/2 (mu^2 + sigma^2 - 1 - log sigma^2) per dim, batch mean, (D,)
+        # KL(N(mu, sigma^2) || N(0, 1)) = 1/2 (mu^2 + sigma^2 - 1 - log sigma^2) per dim, batch mean, (D,); a code map's dim: a channel, over all positions
         kl_per_dim = common.kl_per_dim(mu, logvar)
         lpips_term = args.lpips_weight * x[0].numel() * perceptual_per_image.mean() / (2 * args.decoder_std ** 2)
         loss = recon + lpips_term + args.gamma * (kl_per_dim.sum() - target).abs()
@@ -96,13 +96,13 @@ def main(argv=None):
         if args.unfreeze_lpips:
             negative_weight_step.masked_fill_((negative_weight_step == 0) & (lowest_lin_weight(perceptual) < 0), step + 1)
         negative_lpips_step.masked_fill_((negative_lpips_step == 0) & (perceptual_per_image.min() < 0), step + 1)
-        # kl_offset: the KL of one shift of every code, no information (from 02 on, centring mu closes it)
+        # kl_offset: the KL of one shift of every code, no information (from 02 on, centring closes it for a code vector)
         run.log(step, loss=loss, recon=recon, kl=kl_per_dim.sum(), kl_offset=0.5 * mu.mean(0).pow(2).sum(), capacity=target,
                 kl_dim=kl_per_dim, lpips=perceptual_per_image.mean(), lpips_lin_min=lowest_lin_weight(perceptual))
 
     # ------------------------------------------------------------------------- evaluation and outputs
     metrics, mu = common.evaluate(model, test, lambda raw, x: recon_loss(raw, x, args.decoder_std),
-                                  device, args, train=train,
+                                  device, args, train=train,  # train: BatchNorm statistics (02 on) recomputed with the final weights
                                   extra=lambda x, mean: {"test_lpips": common.lpips_distance(perceptual, mean.float(), x)})
     ramp = [[r["kl"], r["capacity"]] for r in run.rows if r["step"] <= args.capacity_steps]  # does the KL follow C?
     follows = torch.corrcoef(torch.tensor(ramp).T)[0, 1].item() if len(ramp) > 2 else None

@@ -3,7 +3,7 @@
 A discriminator D judges patches real or fake, and the decoder is rewarded for patches D cannot tell
 from data: the texture LPIPS still averages away. Added naively it wrecks the run: at step 0 the
 reconstructions are blobs, D wins at once and its gradients drown the reconstruction's. Two guards,
-from latent-diffusion: warm-up (D is off until --disc-start; 'auto': once C is at C_max and recon has
+from VQGAN: warm-up (D is off until --disc-start; 'auto': once C is at C_max and recon has
 levelled off), and lambda = ||grad_W L_rec|| / ||grad_W L_adv|| * --disc-weight, W the decoder's last layer:
     loss = L_rec + gamma * |KL - C| + lambda * L_adv,  L_rec = 03's pixel and LPIPS terms, L_adv = -mean D(x_hat)
 COLLAPSE WARNING lines report D outpulling the reconstruction over the whole decoder (metrics.csv:
@@ -31,7 +31,7 @@ def step_or_auto(text):
 
 
 def parse_args(argv=None):
-    parser = common.base_parser(SCRIPT, __doc__, steps=1500)
+    parser = common.base_parser(SCRIPT, __doc__, steps=1500)  # 2x 03's: D starts once recon levels off, then needs steps
     parser.add_argument("--gamma", type=float, default=100.0, help="weight of |KL - C| (default: 100)")
     parser.add_argument("--capacity-max", type=float, default=None, help="C_max, nats (default: 25; code map: 1.5 per value)")
     parser.add_argument("--capacity-steps", type=int, default=500, help="steps over which C rises to C_max (default: 500)")
@@ -155,7 +155,7 @@ def main(argv=None):
     optimizer = torch.optim.Adam([*model.parameters(), *(p for p in perceptual.parameters() if p.requires_grad)], lr=args.lr)
     disc = PatchDiscriminator(train.shape[1], args.width).to(device)
     disc_optimizer = torch.optim.Adam(disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9))
-    disc_start_step = None if args.disc_start == "auto" else args.disc_start  # None: not yet
+    disc_start_step = None if args.disc_start == "auto" else args.disc_start  # D acts from this 0-based step, i.e. after that many steps; None: not yet
     max_dec_grad_norm, warnings_seen = torch.zeros((), device=device), {}  # warnings_seen: symptom -> first message
     negative_weight_step, negative_lpips_step = (torch.zeros((), dtype=torch.long, device=device) for _ in range(2))
     run = common.Run(args, SCRIPT, device, train, model=model, optimizer=optimizer, lpips_lins=perceptual.lins,
@@ -181,13 +181,13 @@ def main(argv=None):
         recon = recon_loss(raw.float(), x, args.decoder_std).mean()  # nats per image
         reconstruction = torch.tanh(raw.float())  # the decoder's mean, in [-1, 1], for LPIPS and D
         perceptual_per_image = common.lpips_distance(perceptual, reconstruction, x)  # (B,), in float32
-        # KL(N(mu, sigma^2) || N(0, 1)) = 1/2 (mu^2 + sigma^2 - 1 - log sigma^2) per dim, batch mean, (D,)
+        # KL(N(mu, sigma^2) || N(0, 1)) = 1/2 (mu^2 + sigma^2 - 1 - log sigma^2) per dim, batch mean, (D,); a code map's dim: a channel, over all positions
         kl_per_dim = common.kl_per_dim(mu, logvar)
         lpips_term = args.lpips_weight * x[0].numel() * perceptual_per_image.mean() / (2 * args.decoder_std ** 2)
         rec_loss = recon + lpips_term  # L_rec
         loss = rec_loss + args.gamma * (kl_per_dim.sum() - target).abs()
         weight = g_loss = d_loss = logits_real = logits_fake = torch.zeros((), device=device)
-        grad_ratio = 0.0 if run.logs(step) else None  # D's pull, measured on logged steps only
+        grad_ratio = 0.0 if run.ends_row(step) else None  # D's pull: measured when a row ends, else None (left out of the mean)
         if d_on:
             disc.requires_grad_(False)  # this pass trains the VAE only
             with common.autocast(device, args):
@@ -195,7 +195,7 @@ def main(argv=None):
             g_loss = -logits_fake.mean()  # hinge generator loss: raise D's opinion of the reconstructions
             weight = (torch.tensor(args.disc_weight / (2 * args.decoder_std ** 2), device=device)  # divided like the pixels
                       if args.no_adaptive_weight else adaptive_weight(rec_loss, g_loss, model.decoder.conv_out.weight, args.disc_weight))
-            if run.logs(step):  # over the whole decoder
+            if run.ends_row(step):  # over the whole decoder
                 grad_ratio = float(adv_rec_grad_ratio(rec_loss, weight * g_loss, list(model.decoder.parameters())))
             loss = loss + weight * g_loss
         optimizer.zero_grad(set_to_none=True)
@@ -215,7 +215,7 @@ def main(argv=None):
         if args.unfreeze_lpips:
             negative_weight_step.masked_fill_((negative_weight_step == 0) & (lowest_lin_weight(perceptual) < 0), step + 1)
         negative_lpips_step.masked_fill_((negative_lpips_step == 0) & (perceptual_per_image.min() < 0), step + 1)
-        # kl_offset: the KL of one shift of every code, no information (from 02 on, centring mu closes it)
+        # kl_offset: the KL of one shift of every code, no information (from 02 on, centring closes it for a code vector)
         row = run.log(step, loss=loss, recon=recon, kl=kl_per_dim.sum(), kl_offset=0.5 * mu.mean(0).pow(2).sum(), capacity=target,
                       kl_dim=kl_per_dim, lpips=perceptual_per_image.mean(), lpips_lin_min=lowest_lin_weight(perceptual),
                       d_loss=d_loss, g_loss=g_loss, adv_weight=weight, logits_real=logits_real.mean(),
@@ -231,7 +231,7 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------- evaluation and outputs
     metrics, mu = common.evaluate(model, test, lambda raw, x: recon_loss(raw, x, args.decoder_std),
-                                  device, args, train=train,
+                                  device, args, train=train,  # train: BatchNorm statistics (02 on) recomputed with the final weights
                                   extra=lambda x, mean: {"test_lpips": common.lpips_distance(perceptual, mean.float(), x)})
     ramp = [[r["kl"], r["capacity"]] for r in run.rows if r["step"] <= args.capacity_steps]  # does the KL follow C?
     follows = torch.corrcoef(torch.tensor(ramp).T)[0, 1].item() if len(ramp) > 2 else None

@@ -214,7 +214,7 @@ def load_folder(root, size):
 
 
 def load_celeba(root, size):
-    """torchvision's CelebA layout; a 148 x 148 box at the face's centre, resized; decoded once, cached."""
+    """torchvision's CelebA layout; a 148 x 148 box at the image's centre, resized; decoded once, cached."""
     folder, cache = Path(root) / "celeba", Path(root) / "celeba" / f"cache_{size}_box148.pt"
     if cache.exists():
         return torch.load(cache)
@@ -618,7 +618,7 @@ class Run:
     def batch(self, step):
         return self.batches(step)
 
-    def logs(self, step):
+    def ends_row(self, step):
         """Whether step `step` (0-based) ends with a metrics row."""
         return (step + 1) % self.args.log_every == 0 or step + 1 == self.total_steps
 
@@ -635,7 +635,7 @@ class Run:
                 self.numbers[k] = (total + v, n + 1)
         self.count, self.timed_steps, done, row = self.count + 1, self.timed_steps + 1, step + 1, None
         self.bar.update(1)
-        if self.logs(step):
+        if self.ends_row(step):
             means, row = iter((self.sums / self.count).tolist()), {"step": done, "epoch": step // self.steps_per_epoch}
             for k, v in terms.items():  # ^ the one host sync of this row
                 if not torch.is_tensor(v) and k in self.numbers:
