@@ -116,12 +116,10 @@ def collapse_symptoms(rows, disc_start_step, pull_limit=1.0, spike=10.0, rebound
     """The collapse signature in the metrics rows -> {symptom: message}, empty when healthy: D pulling the decoder
     harder than the reconstruction (guarded runs: < 0.5), a gradient norm 10x the median of the rows before
     (healthy: < 5x), recon 50% above its best since D started (from the row before its start)."""
-    if len(rows) < 2:
-        return {}
     row, found = rows[-1], {}
     if row.get("adv_rec_grad_ratio", 0.0) > pull_limit:
         found["D outpulls the reconstruction"] = f"D's pull on the decoder is {row['adv_rec_grad_ratio']:.2g}x the reconstruction's"
-    norms = sorted(r["dec_grad_norm"] for r in rows[:-1])
+    norms = sorted(r["dec_grad_norm"] for r in rows[:-1]) or [float("inf")]  # the first row has none before it
     median = max(norms[(len(norms) - 1) // 2], 1e-8)  # the lower median of the rows before this one
     if row["dec_grad_norm"] > spike * median:
         found["gradient spike"] = f"decoder gradient norm {row['dec_grad_norm']:.3g}, {row['dec_grad_norm'] / median:.0f}x the median before"

@@ -94,6 +94,8 @@ def test_collapse_monitor_flags_d_outpulling_the_reconstruction(gan04):
     for r, ratio in zip(rows, [0.4, 0.9, 1.6]):
         r["adv_rec_grad_ratio"] = ratio
     assert gan04.collapse_symptoms(rows[:2], disc_start_step=0) == {}
+    assert set(gan04.collapse_symptoms(rows[2:], disc_start_step=0)) == {"D outpulls the reconstruction"}  # even at the first row
+    assert gan04.collapse_symptoms(_rows([100.0], norm=[1e6]), disc_start_step=0) == {}  # no spike without rows before
     assert set(gan04.collapse_symptoms(rows, disc_start_step=0)) == {"D outpulls the reconstruction"}
 
 
