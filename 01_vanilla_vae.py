@@ -1,6 +1,6 @@
 """01 - The vanilla VAE: the ELBO, the reparameterization trick, and why it blurs.
 
-The encoder maps an image x to a Gaussian q(z|x) = N(mu, sigma^2), a draw z goes through the decoder
+The encoder maps an image x to a Gaussian q(z|x) = N(mu, s^2), a draw z goes through the decoder
 back to an image, and training maximises  ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || N(0, I)) <= log p(x),
 i.e. minimises reconstruction + KL, in nats per image. Blur: the decoder is a Gaussian with a fixed
 sigma, so an error costs (x - m)^2 / (2 sigma^2) nats and sigma is the price of detail. The default
@@ -87,11 +87,12 @@ def main(argv=None):
         beta = kl_weight(step, args.beta, args.kl_warmup_steps, args.kl_cycles, run.total_steps)
         with common.autocast(device, args):
             mu, logvar = encoder(x)  # q(z|x) = N(mu, exp(logvar)), one Gaussian per latent dim
-            # the reparameterization trick: z ~ q(z|x) as a differentiable function of mu and sigma
+            # the reparameterization trick: z ~ q(z|x) as a differentiable function of mu and s = exp(logvar / 2)
             z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
             raw = decoder(z)
         recon = recon_loss(raw.float(), x, args.recon, args.decoder_std).mean()  # nats per image
-        # KL(N(mu, sigma^2) || N(0, 1)) = 1/2 (mu^2 + sigma^2 - 1 - log sigma^2) per dim, batch mean, (D,); a code map's dim: a channel, over all positions
+        # KL(N(mu, s^2) || N(0, 1)) = 1/2 (mu^2 + s^2 - 1 - log s^2), s^2 = exp(logvar), per dim, batch mean, (D,)
+        # (a code map's dim is a channel, summed over positions)
         kl_per_dim = common.kl_per_dim(mu, logvar)
         loss = recon + beta * kl_penalty(kl_per_dim, args.free_bits)  # -ELBO (up to a constant) at beta 1, no free bits
         optimizer.zero_grad(set_to_none=True)

@@ -71,11 +71,12 @@ def main(argv=None):
         target = capacity(step, args.capacity_max, args.capacity_steps)  # C at this step, nats
         with common.autocast(device, args):
             mu, logvar = encoder(x)  # q(z|x) = N(mu, exp(logvar)), one Gaussian per latent dim
-            # the reparameterization trick: z ~ q(z|x) as a differentiable function of mu and sigma
+            # the reparameterization trick: z ~ q(z|x) as a differentiable function of mu and s = exp(logvar / 2)
             z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
             raw = decoder(z)
         recon = recon_loss(raw.float(), x, args.recon, args.decoder_std).mean()  # nats per image
-        # KL(N(mu, sigma^2) || N(0, 1)) = 1/2 (mu^2 + sigma^2 - 1 - log sigma^2) per dim, batch mean, (D,); a code map's dim: a channel, over all positions
+        # KL(N(mu, s^2) || N(0, 1)) = 1/2 (mu^2 + s^2 - 1 - log s^2), s^2 = exp(logvar), per dim, batch mean, (D,)
+        # (a code map's dim is a channel, summed over positions)
         kl_per_dim = common.kl_per_dim(mu, logvar)
         loss = recon + args.gamma * (kl_per_dim.sum() - target).abs()  # Burgess et al.'s objective
         optimizer.zero_grad(set_to_none=True)

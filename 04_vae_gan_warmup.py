@@ -173,13 +173,14 @@ def main(argv=None):
         d_on = disc_start_step is not None and step >= disc_start_step  # warm-up: before it, D does nothing
         with common.autocast(device, args):
             mu, logvar = encoder(x)  # q(z|x) = N(mu, exp(logvar)), one Gaussian per latent dim
-            # the reparameterization trick: z ~ q(z|x) as a differentiable function of mu and sigma
+            # the reparameterization trick: z ~ q(z|x) as a differentiable function of mu and s = exp(logvar / 2)
             z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
             raw = decoder(z)
         recon = recon_loss(raw.float(), x, args.decoder_std).mean()  # nats per image
         reconstruction = torch.tanh(raw.float())  # the decoder's mean, in [-1, 1], for LPIPS and D
         perceptual_per_image = common.lpips_distance(perceptual, reconstruction, x)  # (B,), in float32
-        # KL(N(mu, sigma^2) || N(0, 1)) = 1/2 (mu^2 + sigma^2 - 1 - log sigma^2) per dim, batch mean, (D,); a code map's dim: a channel, over all positions
+        # KL(N(mu, s^2) || N(0, 1)) = 1/2 (mu^2 + s^2 - 1 - log s^2), s^2 = exp(logvar), per dim, batch mean, (D,)
+        # (a code map's dim is a channel, summed over positions)
         kl_per_dim = common.kl_per_dim(mu, logvar)
         lpips_term = args.lpips_weight * x[0].numel() * perceptual_per_image.mean() / (2 * args.decoder_std ** 2)
         rec_loss = recon + lpips_term  # L_rec

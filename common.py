@@ -383,7 +383,7 @@ def channel_mean(images):
 
 
 def kl_divergence(mu, logvar):
-    """KL(N(mu, sigma^2) || N(0, 1)) of each latent value, nats: 0.5 (mu^2 + sigma^2 - 1 - log sigma^2).
+    """KL(N(mu, s^2) || N(0, 1)) of each latent value, nats: 0.5 (mu^2 + s^2 - 1 - log s^2), s^2 = exp(logvar).
     Elementwise: (B, D) for a code vector, (B, c, h, w) for a code map. (Kingma & Welling 2014, App. B)"""
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
 
@@ -502,7 +502,7 @@ def evaluate(model, test, recon_loss, device, args, extra=None, train=None, max_
     metrics["test_psnr_db"] = 10 * math.log10(1.0 / max(metrics["test_mse"], 1e-12))
     metrics["active_units"] = int((mu.flatten(1).var(0) > 0.01).sum())  # Var_x(E_q[z_i|x]) > 0.01, Burda et al. 2016
     metrics["test_kl_offset"] = 0.5 * mu.mean(0).pow(2).sum().item()  # the KL of one shift of every code: no information
-    # What the code could carry as a Gaussian channel, signal Var_x(mu_i) over noise E_x[sigma_i^2]:
+    # What the code could carry as a Gaussian channel, signal Var_x(mu_i) over noise E_x[s_i^2]:
     # sum_i 1/2 ln(1 + S/N) nats. KL above it pays for something other than information.
     metrics["test_channel_nats"] = (0.5 * (1 + mu.var(0) / (variance / len(test))).log()).sum().item()
     metrics["hf_power_ratio"], metrics["spectrum_error"] = spectrum_metrics(*powers)
