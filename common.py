@@ -295,8 +295,8 @@ class Encoder(nn.Module):
 
     def forward(self, x):
         h = self.features(x)
-        # log sigma^2 clamped to [-10, 10]: exp() stays finite (also in bf16), and a sigma collapsing
-        # to 0 cannot send -log sigma^2, and with it the KL, to infinity
+        # log s^2 clamped to [-10, 10]: exp() stays finite (also in bf16), and a std s collapsing
+        # to 0 cannot send -log s^2, and with it the KL, to infinity
         return self.to_mu(h).float(), self.to_logvar(h).float().clamp(-10.0, 10.0)
 
 

@@ -88,8 +88,8 @@ def test_collapse_monitor_fires_on_spike_and_rebound(gan04):
 
 
 def test_collapse_monitor_flags_d_outpulling_the_reconstruction(gan04):
-    # D switched on from step 0 leaves no healthy baseline for the other symptoms; its pull on the
-    # decoder, measured against the reconstruction's, needs none.
+    # D switched on from step 0 gives the other symptoms only collapsing rows as a baseline; its pull on
+    # the decoder, measured against the reconstruction's, needs none.
     rows = _rows([100.0] * 3)
     for r, ratio in zip(rows, [0.4, 0.9, 1.6]):
         r["adv_rec_grad_ratio"] = ratio

@@ -54,5 +54,5 @@ def test_neg_elbo_is_bce_plus_kl():
     logits, mu, logvar = torch.tensor([[0.0, 2.0, -1.0]]), torch.tensor([[1.0]]), torch.tensor([[0.0]])
     p = torch.sigmoid(logits)[0]
     bce = -sum(x[0, i] * math.log(p[i]) + (1 - x[0, i]) * math.log(1 - p[i]) for i in range(3))
-    kl = 0.5 * (1.0 ** 2 + 1.0 - 1.0 - 0.0)  # 0.5 (mu^2 + sigma^2 - 1 - log sigma^2)
+    kl = 0.5 * (1.0 ** 2 + 1.0 - 1.0 - 0.0)  # 0.5 (mu^2 + s^2 - 1 - log s^2)
     assert benchmark.neg_elbo(logits, x, mu, logvar).item() == pytest.approx(float(bce) + kl, rel=1e-5)

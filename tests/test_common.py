@@ -15,7 +15,7 @@ from conftest import assert_clean_error, no_network
 
 
 def forward(model, x):
-    """What each chapter's loop does: encode, draw z = mu + sigma * eps, decode -> (raw, mu, logvar)."""
+    """What each chapter's loop does: encode, draw z = mu + s * eps, decode -> (raw, mu, logvar)."""
     mu, logvar = model.encoder(x)
     return model.decoder(mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)), mu, logvar
 
