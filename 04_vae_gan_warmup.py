@@ -193,7 +193,7 @@ def main(argv=None):
                 logits_fake = discriminator(reconstruction).float()
             g_loss = -logits_fake.mean()  # hinge generator loss: raise D's opinion of the reconstructions
             weight = (torch.tensor(args.disc_weight / (2 * args.decoder_std ** 2), device=device)  # divided like the pixels
-                      if args.no_adaptive_weight else adaptive_weight(rec_loss, g_loss, model.decoder.conv_out.weight, args.disc_weight))
+                      if args.no_adaptive_weight else adaptive_weight(rec_loss, g_loss, model.decoder.conv_out.weight, args.disc_weight))  # conv_out: the last layer, tanh follows it
             if run.ends_row(step):  # over the whole decoder
                 grad_ratio = float(adv_rec_grad_ratio(rec_loss, weight * g_loss, list(model.decoder.parameters())))
             loss = loss + weight * g_loss
