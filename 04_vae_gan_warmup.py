@@ -1,19 +1,19 @@
 """04 - An adversarial loss (PatchGAN) on top of 03, made safe by warm-up and an adaptive weight.
 
-A discriminator D judges patches real or fake, and the decoder is rewarded for patches D cannot tell
-from data: the texture LPIPS still averages away. Added naively it wrecks the run: at step 0 the
-reconstructions are blobs, D wins at once and its gradients drown the reconstruction's. Two guards,
-from VQGAN: warm-up (D is off until --disc-start; 'auto': once C is at C_max and recon has
-levelled off), and lambda = ||grad_W L_rec|| / ||grad_W L_adv|| * --disc-weight, W the decoder's last layer:
+A discriminator D judges 46-px patches real or fake, and the decoder is rewarded for patches D cannot tell
+from data: texture that looks real, not only close in LPIPS's features. Added naively it can wreck the run:
+early on the reconstructions are blobs, D wins at once and its gradients drown the reconstruction's. Two guards,
+from VQGAN: warm-up (D is off until --disc-start, by default half the run, once C is at C_max), and
+lambda = ||grad_W L_rec|| / ||grad_W L_adv|| * --disc-weight, W the decoder's last layer, the ratio clamped at 1e4:
     loss = L_rec + gamma * |KL - C| + lambda * L_adv,  L_rec = 03's pixel and LPIPS terms, L_adv = -mean D(x_hat)
 COLLAPSE WARNING lines report D outpulling the reconstruction over the whole decoder (metrics.csv:
-adv_rec_grad_ratio above 1), a decoder gradient spike, or recon rebounding.
+adv_rec_grad_ratio above 1), one step's decoder gradient 10x the usual, or recon rebounding.
 
-Run:   python 04_vae_gan_warmup.py --lpips-random-backbone                 # guarded
-       python 04_vae_gan_warmup.py --lpips-random-backbone --disc-start 0 --no-adaptive-weight \\
-           --disc-weight 1000 --max-steps 400                              # unguarded: the collapse
+Run:   python 04_vae_gan_warmup.py                          # shapes, both guards, ~9 min on a 2-core CPU
+       python 04_vae_gan_warmup.py --disc-start 0           # no warm-up (--no-adaptive-weight: a fixed lambda)
 See:   runs/04_vae_gan_warmup/<dataset>-<time>/: curves.png (dashed: D starts), recon.png, summary.json.
-Papers: Esser et al. 2021 (VQGAN); Rombach et al. 2022; Isola et al. 2017 (PatchGAN).
+       Default run: LPIPS-VGG 0.067 (03: 0.175), PSNR 20.7 dB: crisp, rough-edged blobs. Guards: README.
+Papers: Esser et al. 2021 (VQGAN); Rombach et al. 2022; Isola et al. 2017 (PatchGAN); Miyato et al. 2018.
 """
 from pathlib import Path
 
@@ -26,29 +26,29 @@ import common
 SCRIPT = Path(__file__).stem
 
 
-def step_or_auto(text):
-    return text if text == "auto" else int(text)
-
-
 def parse_args(argv=None):
-    parser = common.base_parser(SCRIPT, __doc__, steps=1500)  # 2x 03's: D starts once recon levels off, then needs steps
+    parser = common.base_parser(SCRIPT, __doc__, steps=1500)  # 2x 03's: the first half is the warm-up
     parser.add_argument("--gamma", type=float, default=100.0, help="weight of |KL - C| (default: 100)")
-    parser.add_argument("--capacity-max", type=float, default=None, help="C_max, nats (default: 25; code map: 1.5 per value)")
-    parser.add_argument("--capacity-steps", type=int, default=500, help="steps over which C rises to C_max (default: 500)")
+    parser.add_argument("--capacity-max", type=float, default=None, help="C_max, nats (default: 25; 1.5 per map value)")
+    parser.add_argument("--capacity-steps", type=int, default=500, help="steps for C to reach C_max (default: 500)")
+    parser.add_argument("--no-centring", action="store_true",
+                        help="do not centre a code vector's mu: C may then be a shift of every code (default: off)")
     parser.add_argument("--lpips-weight", type=float, default=1.0, help="weight of LPIPS per pixel value (default: 1)")
-    parser.add_argument("--lpips-net", choices=["alex", "vgg", "squeeze"], default="alex", help="LPIPS backbone (default: alex)")
-    parser.add_argument("--lpips-random-backbone", action="store_true", help="no download; NOT a perceptual metric (default: off)")
-    parser.add_argument("--unfreeze-lpips", action="store_true", help="train LPIPS's lin heads: the incident (default: off)")
-    parser.add_argument("--disc-start", default="auto", type=step_or_auto, help="step at which D starts, or 'auto' (default: auto)")
-    parser.add_argument("--disc-weight", type=float, default=0.5, help="scale of lambda, latent-diffusion's (default: 0.5)")
+    parser.add_argument("--lpips-net", choices=["alex", "vgg"], default="alex", help="LPIPS backbone (default: alex)")
+    parser.add_argument("--lpips-random-backbone", action="store_true",
+                        help="for tests and smoke runs only: NOT a perceptual metric (default: off)")
+    parser.add_argument("--unfreeze-lpips", action="store_true", help="train the lin heads: an incident (default: off)")
+    parser.add_argument("--disc-start", type=int, default=None,
+                        help="step at which D starts (default: half the run, and not before C reaches C_max)")
+    parser.add_argument("--disc-weight", type=float, default=0.5,
+                        help="scale of lambda, latent-diffusion's (default: 0.5)")
     parser.add_argument("--no-adaptive-weight", action="store_true",
                         help="lambda = --disc-weight / (2 sigma^2), divided like the pixel terms (default: off)")
     parser.add_argument("--disc-lr", type=float, default=1e-4, help="D's Adam learning rate (default: 0.0001)")
     args = common.parse_args(parser, argv)
     args.recon = "mse"  # from here on a Gaussian decoder: LPIPS compares images in [-1, 1]
-    args.capacity_max = common.default_capacity(args) if args.capacity_max is None else args.capacity_max
-    if min(args.gamma, args.capacity_max, args.capacity_steps, args.lpips_weight, args.disc_weight, args.disc_start
-           if args.disc_start != "auto" else 0) < 0 or args.disc_lr <= 0:
+    if min(args.gamma, args.capacity_max, args.capacity_steps, args.lpips_weight, args.disc_weight,
+           args.disc_start or 0) < 0 or args.disc_lr <= 0:
         common.fail("--gamma, --capacity-max, --capacity-steps, --lpips-weight, --disc-weight, --disc-start must not "
                     "be negative, --disc-lr must be positive")
     return args
@@ -66,14 +66,15 @@ def capacity(step, capacity_max, capacity_steps):
 
 
 class PatchDiscriminator(nn.Sequential):
-    """PatchGAN (Isola et al. 2017): a logit per overlapping patch of about 46 px. Spectral norm (estimated
-    per layer) where latent-diffusion has BatchNorm: D cannot grow arbitrarily steep, nor judge by the batch."""
+    """PatchGAN (Isola et al. 2017): a logit per overlapping patch of 46 px. Spectral norm (Miyato et al.
+    2018; estimated per layer) where latent-diffusion has BatchNorm: D cannot grow arbitrarily steep, nor
+    judge by the batch."""
 
     def __init__(self, channels, width, spectral_norm=True):
         norm = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda layer: layer)
-        super().__init__(norm(nn.Conv2d(channels, width, 4, stride=2, padding=1)), nn.LeakyReLU(0.2),  # (B, w, H/2, W/2)
-                         norm(nn.Conv2d(width, 2 * width, 4, stride=2, padding=1)), nn.LeakyReLU(0.2),  # (B, 2w, H/4, W/4)
-                         norm(nn.Conv2d(2 * width, 4 * width, 4, stride=2, padding=1)), nn.LeakyReLU(0.2),  # (B, 4w, H/8, W/8)
+        super().__init__(norm(nn.Conv2d(channels, width, 4, 2, 1)), nn.LeakyReLU(0.2),  # (B, w, H/2, W/2)
+                         norm(nn.Conv2d(width, 2 * width, 4, 2, 1)), nn.LeakyReLU(0.2),  # (B, 2w, H/4, W/4)
+                         norm(nn.Conv2d(2 * width, 4 * width, 4, 2, 1)), nn.LeakyReLU(0.2),  # (B, 4w, H/8, W/8)
                          norm(nn.Conv2d(4 * width, 1, 4, stride=1, padding=1)))  # (B, 1, H/8 - 1, W/8 - 1) logits
 
 
@@ -82,51 +83,43 @@ def hinge_d_loss(logits_real, logits_fake):
     return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
 
 
-def adaptive_weight(rec_loss, adv_loss, last_layer, disc_weight):
-    """lambda = ||grad_W rec|| / (||grad_W adv|| + 1e-4), clamped to [0, 1e4], detached, times disc_weight: at the
-    decoder's last layer W, D's gradient is then disc_weight times the reconstruction's, whatever their scales."""
+def adaptive_weight(rec_loss, adv_loss, last_layer, disc_weight, limit=1e4):
+    """lambda = ||grad_W rec|| / (||grad_W adv|| + 1e-4), clamped to [0, limit], detached, times disc_weight: at the
+    decoder's last layer W, D's gradient is then disc_weight times the reconstruction's, unless the clamp binds
+    (a summed loss priced by 1 / (2 sigma^2) can have 10^4 times D's gradient). -> (lambda, whether it bound)"""
     rec_grad, = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
     adv_grad, = torch.autograd.grad(adv_loss, last_layer, retain_graph=True)
-    return (rec_grad.norm() / (adv_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach() * disc_weight
+    ratio = (rec_grad.norm() / (adv_grad.norm() + 1e-4)).detach()
+    return ratio.clamp(0.0, limit) * disc_weight, ratio > limit
 
 
 def adv_rec_grad_ratio(rec_loss, adv_term, params):
     """||grad adv_term|| / ||grad rec_loss|| over all of `params` (the decoder's), adv_term = lambda * L_adv.
     lambda fixes it at the last layer only; over the whole decoder it says how hard D really pulls.
     Two extra backward passes: measured on logged steps only."""
-    norm = lambda loss: torch.stack([g.norm() for g in torch.autograd.grad(loss, params, retain_graph=True)]).norm()  # noqa: E731
+    def norm(loss):
+        return torch.stack([g.norm() for g in torch.autograd.grad(loss, params, retain_graph=True)]).norm()
     return (norm(adv_term) / (norm(rec_loss) + 1e-12)).detach()
-
-
-def auto_disc_start(rows, capacity_steps, window=200, threshold=0.02):
-    """True once recon has levelled off: its mean over the last `window` steps improved on the `window`
-    steps before by less than `threshold` (relative), both windows after C's ramp."""
-    if not rows or rows[-1]["step"] < capacity_steps + 2 * window:
-        return False
-    last = rows[-1]["step"]
-    recent = [r["recon"] for r in rows if last - window < r["step"] <= last]
-    before = [r["recon"] for r in rows if last - 2 * window < r["step"] <= last - window]
-    if not recent or not before:
-        return False
-    old, new = sum(before) / len(before), sum(recent) / len(recent)
-    return (old - new) / abs(old) < threshold
 
 
 def collapse_symptoms(rows, disc_start_step, pull_limit=1.0, spike=10.0, rebound=1.5):
     """The collapse signature in the metrics rows -> {symptom: message}, empty when healthy: D pulling the decoder
-    harder than the reconstruction (guarded runs: < 0.5), a gradient norm 10x the median of the rows before
-    (healthy: < 5x), recon 50% above its best since D started (from the row before its start)."""
+    harder than the reconstruction (guarded runs: < 0.5), one step's decoder gradient norm 10x the median of the
+    rows' mean norms before, recon 50% above its best since D started (from the row before its start)."""
     row, found = rows[-1], {}
     if row.get("adv_rec_grad_ratio", 0.0) > pull_limit:
-        found["D outpulls the reconstruction"] = f"D's pull on the decoder is {row['adv_rec_grad_ratio']:.2g}x the reconstruction's"
+        found["D outpulls the reconstruction"] = (f"D's pull on the decoder is {row['adv_rec_grad_ratio']:.2g}x "
+                                                  "the reconstruction's")
     norms = sorted(r["dec_grad_norm"] for r in rows[:-1]) or [float("inf")]  # the first row has none before it
     median = max(norms[(len(norms) - 1) // 2], 1e-8)  # the lower median of the rows before this one
-    if row["dec_grad_norm"] > spike * median:
-        found["gradient spike"] = f"decoder gradient norm {row['dec_grad_norm']:.3g}, {row['dec_grad_norm'] / median:.0f}x the median before"
+    if row["dec_grad_norm_max"] > spike * median:  # the row's largest single step, not its mean
+        found["gradient spike"] = (f"a step's decoder gradient norm {row['dec_grad_norm_max']:.3g}, "
+                                   f"{row['dec_grad_norm_max'] / median:.0f}x the median before")
     if disc_start_step is not None and row["step"] > disc_start_step:
         since = rows[max([i for i, r in enumerate(rows) if r["step"] <= disc_start_step], default=0):-1]
         if since and row["recon"] > rebound * min(r["recon"] for r in since):
-            found["recon rebound"] = f"recon {row['recon']:.1f} against its best {min(r['recon'] for r in since):.1f} since D started"
+            best = min(r["recon"] for r in since)
+            found["recon rebound"] = f"recon {row['recon']:.1f} against its best {best:.1f} since D started"
     return found
 
 
@@ -140,37 +133,44 @@ def main(argv=None):
     args = parse_args(argv)
     device = common.choose_device(args)  # also seeds torch
     train, test, test_factors = common.load_data(args)
-    perceptual = common.load_lpips(args.lpips_net, args.lpips_random_backbone, device)  # exit 2 if it cannot load
-    # lpips.LPIPS freezes only its backbone; its lin heads still require grad. Freeze all of it, in eval
-    # mode: it is a fixed metric, not part of the model.
+    perceptual, backbone_file = common.load_lpips(args.lpips_net, args.lpips_random_backbone, device)  # or exit 2
+    lpips_vgg = None if args.lpips_random_backbone else common.load_lpips("vgg", False, device, required=False)[0]
+    # lpips.LPIPS freezes only its backbone: freeze all of it, in eval mode (--unfreeze-lpips thaws the lin heads below)
     perceptual.eval().requires_grad_(False)
-    # centre_mu: mu = W BatchNorm(h), no scale, shift or bias after the centring: batch mean of mu 0 (code map: per channel)
     model = common.VAE(train.shape[1], args.image_size, args.latent_dim, args.width, args.recon,
-                       channel_mean=common.channel_mean(train), spatial=args.latent == "spatial", centre_mu=True).to(device)
+                       channel_mean=common.channel_mean(train), spatial=args.latent == "spatial",
+                       centre_mu=not args.no_centring).to(device)
     perceptual.lins.requires_grad_(args.unfreeze_lpips)  # --unfreeze-lpips: the incident, on purpose
     if not args.unfreeze_lpips and any(p.requires_grad for p in perceptual.parameters()):  # checked, not assumed
         raise RuntimeError("an LPIPS parameter still requires grad")
-    optimizer = torch.optim.Adam([*model.parameters(), *(p for p in perceptual.parameters() if p.requires_grad)], lr=args.lr)
+    trained = [*model.parameters(), *(p for p in perceptual.parameters() if p.requires_grad)]  # LPIPS: only if unfrozen
+    optimizer = torch.optim.Adam(trained, lr=args.lr)
     disc = PatchDiscriminator(train.shape[1], args.width).to(device)
-    disc_optimizer = torch.optim.Adam(disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9))
-    disc_start_step = None if args.disc_start == "auto" else args.disc_start  # D acts from this 0-based step, i.e. after that many steps; None: not yet
-    max_dec_grad_norm, warnings_seen = torch.zeros((), device=device), {}  # warnings_seen: symptom -> first message
-    negative_weight_step, negative_lpips_step = (torch.zeros((), dtype=torch.long, device=device) for _ in range(2))
+    disc_optimizer = torch.optim.Adam(disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9))  # as latent diffusion
+    warnings_seen = {}  # symptom -> its first warning
+    negative_weight_step, negative_lpips_step, clamped_steps = (torch.zeros((), dtype=torch.long, device=device)
+                                                                for _ in range(3))
     run = common.Run(args, SCRIPT, device, train, model=model, optimizer=optimizer, lpips_lins=perceptual.lins,
                      negative_weight_step=negative_weight_step, negative_lpips_step=negative_lpips_step, disc=disc,
-                     disc_optimizer=disc_optimizer, max_dec_grad_norm=max_dec_grad_norm,
-                     extra=lambda: {"disc_start_step": disc_start_step, "warnings_seen": warnings_seen})
-    if run.resumed and args.disc_start == run.resumed["args"]["disc_start"]:  # else --disc-start given now wins
-        disc_start_step = run.resumed["disc_start_step"]
+                     disc_optimizer=disc_optimizer, clamped_steps=clamped_steps,
+                     extra=lambda: {"warnings_seen": warnings_seen})
     warnings_seen.update(run.resumed["warnings_seen"] if run.resumed else {})  # the collapse warnings so far
+    # warm-up: D acts from this 0-based step on (by default half the run, once C has reached C_max)
+    disc_start_step = max(args.capacity_steps, run.total_steps // 2) if args.disc_start is None else args.disc_start
+    if disc_start_step >= run.total_steps:
+        print(f"note: D would start at step {disc_start_step}, but the run ends at step {run.total_steps}: "
+              "it never acts, and this run is 03 (pass a smaller --disc-start, or more steps)")
     if args.compile:  # the adaptive weight backpropagates twice through one graph, which compiled backward
         torch._functorch.config.donated_buffer = False  # functions refuse while they reuse their buffers
-    encoder, decoder, discriminator = (torch.compile(m) if args.compile else m for m in (model.encoder, model.decoder, disc))
+    encoder, decoder, discriminator = (torch.compile(m) if args.compile else m
+                                       for m in (model.encoder, model.decoder, disc))
 
     for step in run.steps():
-        x = common.to_model_range(run.batch(step), args.recon)  # (B, C, H, W), on the device already
+        x = common.to_model_range(run.batches(step), args.recon)  # (B, C, H, W), on the device already
         target = capacity(step, args.capacity_max, args.capacity_steps)  # C at this step, nats
-        d_on = disc_start_step is not None and step >= disc_start_step  # warm-up: before it, D does nothing
+        d_on = step >= disc_start_step  # warm-up: before it, D does nothing
+        if step == disc_start_step:
+            run.bar.write(f"step {step}: the discriminator starts")
         with common.autocast(device, args):
             mu, logvar = encoder(x)  # q(z|x) = N(mu, exp(logvar)), one Gaussian per latent dim
             # the reparameterization trick: z ~ q(z|x) as a differentiable function of mu and s = exp(logvar / 2)
@@ -180,20 +180,23 @@ def main(argv=None):
         reconstruction = torch.tanh(raw.float())  # the decoder's mean, in [-1, 1], for LPIPS and D
         perceptual_per_image = common.lpips_distance(perceptual, reconstruction, x)  # (B,), in float32
         # KL(N(mu, s^2) || N(0, 1)) = 1/2 (mu^2 + s^2 - 1 - log s^2), s^2 = exp(logvar), per dim, batch mean, (D,)
-        # (a code map's dim is a channel, summed over positions)
+        # (photos get a code map, a grid of codes, one per 4 x 4 patch: there a dim is a channel, summed)
         kl_per_dim = common.kl_per_dim(mu, logvar)
         lpips_term = args.lpips_weight * x[0].numel() * perceptual_per_image.mean() / (2 * args.decoder_std ** 2)
         rec_loss = recon + lpips_term  # L_rec
         loss = rec_loss + args.gamma * (kl_per_dim.sum() - target).abs()
         weight = g_loss = d_loss = logits_real = logits_fake = torch.zeros((), device=device)
-        grad_ratio = 0.0 if run.ends_row(step) else None  # D's pull: measured when a row ends, else None (left out of the mean)
+        grad_ratio = 0.0 if run.ends_row(step) else None  # D's pull: measured when a row ends (None: not measured)
         if d_on:
             disc.requires_grad_(False)  # this pass trains the VAE only
             with common.autocast(device, args):
                 logits_fake = discriminator(reconstruction).float()
             g_loss = -logits_fake.mean()  # hinge generator loss: raise D's opinion of the reconstructions
-            weight = (torch.tensor(args.disc_weight / (2 * args.decoder_std ** 2), device=device)  # divided like the pixels
-                      if args.no_adaptive_weight else adaptive_weight(rec_loss, g_loss, model.decoder.conv_out.weight, args.disc_weight))  # conv_out: the last layer, tanh follows it
+            if args.no_adaptive_weight:  # a fixed lambda, divided by 2 sigma^2 like the pixel terms
+                weight = torch.tensor(args.disc_weight / (2 * args.decoder_std ** 2), device=device)
+            else:  # conv_out: the decoder's last layer, tanh follows it
+                weight, clamped = adaptive_weight(rec_loss, g_loss, model.decoder.conv_out.weight, args.disc_weight)
+                clamped_steps += clamped  # on the device: no host sync
             if run.ends_row(step):  # over the whole decoder
                 grad_ratio = float(adv_rec_grad_ratio(rec_loss, weight * g_loss, list(model.decoder.parameters())))
             loss = loss + weight * g_loss
@@ -209,48 +212,54 @@ def main(argv=None):
             disc_optimizer.zero_grad(set_to_none=True)
             d_loss.backward()
             disc_optimizer.step()
-        max_dec_grad_norm.copy_(torch.maximum(max_dec_grad_norm, dec_grad_norm))  # no host sync: read at the end
         # the first step at which a lin weight, or an image's LPIPS, went below zero; on the device: no host sync
         if args.unfreeze_lpips:
-            negative_weight_step.masked_fill_((negative_weight_step == 0) & (lowest_lin_weight(perceptual) < 0), step + 1)
+            negative_weight_step.masked_fill_((negative_weight_step == 0) & (lowest_lin_weight(perceptual) < 0),
+                                              step + 1)
         negative_lpips_step.masked_fill_((negative_lpips_step == 0) & (perceptual_per_image.min() < 0), step + 1)
-        # kl_offset: the KL of one shift of every code, no information (from 02 on, centring closes it for a code vector)
-        row = run.log(step, loss=loss, recon=recon, kl=kl_per_dim.sum(), kl_offset=0.5 * mu.mean(0).pow(2).sum(), capacity=target,
+        # the batch's KL split: offset + scale (no information) + a bound on the information (common.kl_split)
+        row = run.log(step, loss=loss, recon=recon, kl=kl_per_dim.sum(), **common.kl_split(mu, logvar), capacity=target,
                       kl_dim=kl_per_dim, lpips=perceptual_per_image.mean(), lpips_lin_min=lowest_lin_weight(perceptual),
                       d_loss=d_loss, g_loss=g_loss, adv_weight=weight, logits_real=logits_real.mean(),
                       logits_fake=logits_fake.mean(), dec_grad_norm=dec_grad_norm, adv_rec_grad_ratio=grad_ratio,
-                      disc_factor=float(d_on))
-        if row and disc_start_step is None and auto_disc_start(run.rows, args.capacity_steps, max(200, args.log_every)):
-            disc_start_step = row["step"]
-            run.bar.write(f"step {disc_start_step}: recon has levelled off, the discriminator starts")
+                      disc_factor=float(d_on), peaks={"dec_grad_norm_max": dec_grad_norm})
         for symptom, message in (collapse_symptoms(run.rows, disc_start_step) if row else {}).items():
             if symptom not in warnings_seen:
                 warnings_seen[symptom] = f"step {row['step']}: {symptom}: {message}"
                 run.bar.write(f"COLLAPSE WARNING {warnings_seen[symptom]}")
 
     # ------------------------------------------------------------------------- evaluation and outputs
+    # train: the training images, for BatchNorm's statistics and latent_scale_factor (1 / std of the codes)
     metrics, mu = common.evaluate(model, test, lambda raw, x: recon_loss(raw, x, args.decoder_std),
-                                  device, args, train=train,  # train: BatchNorm statistics (02 on) recomputed with the final weights
-                                  extra=lambda x, mean: {"test_lpips": common.lpips_distance(perceptual, mean.float(), x)})
-    ramp = [[r["kl"], r["capacity"]] for r in run.rows if r["step"] <= args.capacity_steps]  # does the KL follow C?
-    follows = torch.corrcoef(torch.tensor(ramp).T)[0, 1].item() if len(ramp) > 2 else None
+                                  device, args, train=train,
+                                  extra=lambda x, mean: {"test_lpips": common.lpips_distance(perceptual, mean, x)})
+    if lpips_vgg is not None:  # on 1,000 test images: a VGG step costs ~45x AlexNet's (docs/speed.md)
+        metrics["test_lpips_vgg"] = common.mean_lpips(lpips_vgg, model, test[:1000], device, args)
+    ramp = torch.tensor([[r["kl"], r["capacity"]] for r in run.rows if r["step"] <= args.capacity_steps])
+    follows = {"kl_capacity_correlation": torch.corrcoef(ramp.T)[0, 1].item(),  # does the KL follow C, in shape
+               "kl_capacity_gap": (ramp[:, 0] - ramp[:, 1]).abs().mean().item()} if len(ramp) > 2 else {}  # in nats
     incident = [s for s in (int(negative_weight_step), int(negative_lpips_step)) if s > 0]
     for what, first in [("a lin weight", negative_weight_step), ("an image's LPIPS", negative_lpips_step)]:
         if int(first):  # say it loudly
-            print(f"LPIPS INCIDENT at step {int(first)}: {what} went below zero. LPIPS was trained, not used: "
-                  "expect ripple noise. Freeze it (drop --unfreeze-lpips).")
+            print(f"LPIPS INCIDENT at step {int(first)}: {what} went below zero; LPIPS was trained. Freeze it.")
     run.finish(model, test, metrics, mu, test_factors,
-               [("loss (nats/image)", ["loss"]), ("reconstruction", ["recon"]), ("KL follows C", ["kl", "capacity", "kl_offset"]),
+               [("loss (nats/image)", ["loss"]), ("reconstruction", ["recon"]),
+                ("KL follows C (nats)", ["kl", "capacity", "info_bound", "kl_scale", "kl_offset"]),
                 ("LPIPS", ["lpips"]), ("discriminator", ["d_loss", "logits_real", "logits_fake"]),
-                ("decoder grad norm", ["dec_grad_norm"]), ("D's pull on the decoder", ["adv_rec_grad_ratio"])],
-               {"D starts": disc_start_step} if disc_start_step is not None and disc_start_step <= run.total_steps else None,
-               capacity_at=lambda step: capacity(step, args.capacity_max, args.capacity_steps), kl_capacity_correlation=follows,
+                ("decoder grad norm", ["dec_grad_norm", "dec_grad_norm_max"]),
+                ("D's pull on the decoder", ["adv_rec_grad_ratio"])],
+               {"D starts": disc_start_step} if disc_start_step < run.total_steps else None,
+               capacity_at=lambda step: capacity(step, args.capacity_max, args.capacity_steps), **follows,
                lpips_net=args.lpips_net, lpips_backbone="random" if args.lpips_random_backbone else "imagenet",
+               lpips_backbone_file=backbone_file, lpips_incident_step=min(incident) if incident else None,
                lpips_trainable_params=sum(p.numel() for p in perceptual.parameters() if p.requires_grad),
-               lpips_incident_step=min(incident) if incident else None,
-               lpips_negative_weight_step=int(negative_weight_step) or None, lpips_negative_value_step=int(negative_lpips_step) or None,
-               disc_start_step=disc_start_step, max_dec_grad_norm=float(max_dec_grad_norm),
-               max_adv_rec_grad_ratio=max([r["adv_rec_grad_ratio"] for r in run.rows], default=0.0), collapse_warnings=list(warnings_seen.values()))
+               lpips_negative_weight_step=int(negative_weight_step) or None,
+               lpips_negative_value_step=int(negative_lpips_step) or None,
+               disc_start_step=disc_start_step, disc_steps=max(0, run.total_steps - disc_start_step),
+               adaptive_weight_clamped_steps=int(clamped_steps),
+               max_dec_grad_norm=max([r["dec_grad_norm_max"] for r in run.rows], default=0.0),
+               max_adv_rec_grad_ratio=max([r["adv_rec_grad_ratio"] for r in run.rows], default=0.0),
+               collapse_warnings=list(warnings_seen.values()))
 
 
 if __name__ == "__main__":

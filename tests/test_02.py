@@ -19,7 +19,8 @@ def cap02():
     return load_script("02_burgess_capacity")
 
 
-@pytest.mark.parametrize("step,expected", [(0, 0.0), (500, 12.5), (999, 24.975), (1000, 25.0), (1001, 25.0), (10**6, 25.0)])
+@pytest.mark.parametrize("step,expected", [(0, 0.0), (500, 12.5), (999, 24.975), (1000, 25.0), (1001, 25.0),
+                                           (10**6, 25.0)])
 def test_capacity_schedule_edges(cap02, step, expected):
     assert cap02.capacity(step, 25.0, 1000) == pytest.approx(expected)
 
@@ -54,6 +55,10 @@ def test_kl_follows_capacity_and_carries_information(run02):
     rows = read_rows(run02 / "metrics.csv")
     # Measured (seed 0, 32 px): correlation over the ramp 0.999, final test KL 13.1 nats for C_max 12.
     assert summary["kl_capacity_correlation"] > 0.9
+    ramp = [r for r in rows if r["step"] <= 200]  # correlation holds for KL = C / 2 too: the distance, in nats
+    gap = sum(abs(r["kl"] - r["capacity"]) for r in ramp) / len(ramp)  # from metrics.csv's 6 significant digits
+    assert summary["kl_capacity_gap"] == pytest.approx(gap, abs=1e-4)
+    assert summary["kl_capacity_gap"] < 1.0
     assert abs(summary["test_kl"] - 12.0) < 3.0 and summary["capacity_final"] == 12.0
     assert rows[-1]["kl"] == pytest.approx(12.0, abs=2.0)
     # KL that tracks C could still be an information-free offset; the code must actually be used.
@@ -82,6 +87,17 @@ def test_kl_follows_capacity_and_carries_information(run02):
         k = int(info[e["dim"]].argmax())
         assert e["knows_most_about"] == list(common.SHAPE_FACTORS)[k]
         assert e["information"] == pytest.approx(info[e["dim"], k].item(), abs=1e-6)
+
+
+def test_without_centring_the_kl_buys_c_with_an_offset(run02, tmp_path):
+    # The same run with mu uncentred: a shift of every code pays for C, and the information bound collapses.
+    result = run_cli("02_burgess_capacity", *QUICK, "--max-steps", "300", "--capacity-steps", "200",
+                     "--capacity-max", "12", "--log-every", "10", "--no-centring", "--out", tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    plain, centred = (json.loads((d / "summary.json").read_text()) for d in (tmp_path, run02))
+    assert plain["test_kl"] == pytest.approx(centred["test_kl"], rel=0.25)  # both follow C
+    assert plain["test_kl_offset"] > 0.5 * plain["test_kl"] and centred["test_kl_offset"] < 0.05 * centred["test_kl"]
+    assert plain["test_info_bound"] < 0.5 * centred["test_info_bound"]
 
 
 def test_capacity_continues_where_a_resumed_run_stopped(run02, tmp_path, cap02):
@@ -120,7 +136,8 @@ def test_switch_on_steps_takes_the_first_crossing():
 def test_factor_information_finds_the_dim_that_holds_each_factor():
     g = torch.Generator().manual_seed(0)
     factors = torch.stack([torch.randint(0, n, (4000,), generator=g) for n in common.SHAPE_FACTORS.values()], 1)
-    codes = torch.cat([torch.randn(4000, 1, generator=g), factors.flip(1).float()], 1)  # dim 1 = pos_y ... dim 5 = shape
+    # dim 0 is noise, dim 1 = pos_y ... dim 5 = shape
+    codes = torch.cat([torch.randn(4000, 1, generator=g), factors.flip(1).float()], 1)
     info = common.factor_information(codes, factors)
     assert info.shape == (6, 5)
     assert info.argmax(0).tolist() == [5, 4, 3, 2, 1]  # each factor is found in its own dim
@@ -176,18 +193,6 @@ def test_position_code_refuses_a_run_without_true_factors(tmp_path):
     assert result.returncode == 2
     assert_clean_error(result.stderr, "fashion-mnist run", "only for shapes")
     assert not (tmp_path / "position_code.png").exists()
-
-
-def test_centred_01_runs_01_on_the_centred_encoder(tmp_path):
-    # tools/centred_01: 01's objective, 02's encoder (BatchNorm before mu, no bias after it), with
-    # BatchNorm's statistics recomputed before the evaluation as 02 does.
-    result = subprocess.run([sys.executable, "-m", "tools.centred_01", *QUICK, "--max-steps", "10",
-                             "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    state = common.load_checkpoint(tmp_path / "checkpoint.pt")
-    assert state["script"] == "01_vanilla_vae" and "encoder.to_mu.0.running_mean" in state["model"]
-    assert "encoder.to_mu.1.bias" not in state["model"]
-    assert "beta" in read_rows(tmp_path / "metrics.csv")[0]  # 01's objective, not 02's capacity
 
 
 def test_a_code_map_on_shapes_leaves_every_output(tmp_path):

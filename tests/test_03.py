@@ -1,14 +1,13 @@
 """03_lpips_frozen.py: LPIPS frozen whole (no gradient, not in the optimizer, weights unchanged,
-never negative), the unfrozen incident detected, the loss against a hand computation, and the
-backbone-loading path with a file in a temporary TORCH_HOME or none at all."""
+never negative), the unfrozen incident detected, the loss against a hand computation, and a run without any backbone
+file (the loading order: test_lpips_weights.py)."""
 import json
 
 import pytest
 import torch
-import torchvision
 
 import common
-from conftest import QUICK, assert_clean_error, assert_rejected, load_script, no_network, read_rows, run_cli
+from conftest import QUICK, assert_clean_error, assert_rejected, load_script, read_rows, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +17,7 @@ def lp03():
 
 @pytest.fixture(scope="module")
 def perceptual(lp03):
-    return common.load_lpips("alex", random_backbone=True, device=torch.device("cpu")).eval().requires_grad_(False)
+    return common.load_lpips("alex", random_backbone=True, device=torch.device("cpu"))[0].eval().requires_grad_(False)
 
 
 def test_no_gradient_reaches_lpips(lp03, perceptual):
@@ -87,67 +86,19 @@ def test_unfrozen_lpips_incident_is_detected(tmp_path):
     assert summary["lpips_negative_weight_step"] == 1 and summary["lpips_incident_step"] == 1
     # Measured (seed 0, 32 px, CPU): an image's LPIPS first went below zero at step 61; 2x slack.
     assert summary["lpips_negative_value_step"] is not None and summary["lpips_negative_value_step"] <= 120
-    assert f"LPIPS INCIDENT at step {summary['lpips_negative_value_step']}: an image's LPIPS went below zero" in result.stdout
+    step = summary["lpips_negative_value_step"]
+    assert f"LPIPS INCIDENT at step {step}: an image's LPIPS went below zero" in result.stdout
     assert "LPIPS INCIDENT at step 1" in result.stdout
     rows = read_rows(tmp_path / "metrics.csv")
     assert rows[-1]["lpips_lin_min"] < 0
 
 
-def _placed_weights(tmp_path):
-    """A torchvision AlexNet state dict where torch.hub looks for the ImageNet file."""
-    folder = tmp_path / "hub" / "checkpoints"
-    folder.mkdir(parents=True)
-    torch.manual_seed(5)
-    state = torchvision.models.alexnet(weights=None).state_dict()
-    torch.save(state, folder / "alexnet-owt-7be5be79.pth")
-    return state
-
-
-def test_backbone_loads_from_a_file_in_torch_home(lp03, tmp_path, monkeypatch):
-    state = _placed_weights(tmp_path)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
-    perceptual = common.load_lpips("alex", random_backbone=False, device=torch.device("cpu"))
-    first_conv = next(m for m in perceptual.net.modules() if isinstance(m, torch.nn.Conv2d))
-    assert torch.equal(first_conv.weight, state["features.0.weight"])  # the placed file, not random weights
-    # as the package builds it: the backbone frozen, the lin heads not (the trap 03 closes by freezing all)
-    assert not any(p.requires_grad for p in perceptual.net.parameters())
-    assert all(p.requires_grad for p in perceptual.lins.parameters())
-
-
-@pytest.fixture
-def offline_torch_home(tmp_path, monkeypatch):
-    """An empty TORCH_HOME on a machine whose downloads fail."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    return tmp_path
-
-
-def test_missing_backbone_exits_2_naming_file_and_folder(lp03, offline_torch_home, capsys):
+def test_a_run_without_the_backbone_leaves_no_folder(lp03, offline_home, capsys):
     with pytest.raises(SystemExit) as stop:
-        common.load_lpips("alex", random_backbone=False, device=torch.device("cpu"))
+        lp03.main([*QUICK, "--max-steps", "5", "--out", str(offline_home / "run")])
     assert stop.value.code == 2
-    assert_clean_error(capsys.readouterr().err, "alexnet-owt-7be5be79.pth",
-                       str(offline_torch_home / "hub" / "checkpoints"), "--lpips-random-backbone")
-
-
-def test_a_run_without_the_backbone_leaves_no_folder(lp03, offline_torch_home, capsys):
-    with pytest.raises(SystemExit) as stop:
-        lp03.main([*QUICK, "--max-steps", "5", "--out", str(offline_torch_home / "run")])
-    assert stop.value.code == 2
-    assert_clean_error(capsys.readouterr().err, "alexnet-owt-7be5be79.pth")
-    assert not (offline_torch_home / "run").exists()
-
-
-def test_unreadable_backbone_file_exits_2(lp03, tmp_path, monkeypatch, capsys):
-    folder = tmp_path / "hub" / "checkpoints"
-    folder.mkdir(parents=True)
-    (folder / "alexnet-owt-7be5be79.pth").write_bytes(b"not a checkpoint")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(SystemExit) as stop:
-        common.load_lpips("alex", random_backbone=False, device=torch.device("cpu"))
-    assert stop.value.code == 2
-    assert_clean_error(capsys.readouterr().err, "alexnet-owt-7be5be79.pth")
+    assert_clean_error(capsys.readouterr().err, "alexnet-owt-7be5be79.pth", "python -m tools.lpips_weights")
+    assert not (offline_home / "run").exists()
 
 
 def test_bad_lpips_flags_exit_2(tmp_path):

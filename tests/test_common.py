@@ -57,19 +57,49 @@ def test_centred_mu_has_batch_mean_zero_and_no_offset_route():
     assert (mu.mean(0).abs() < 1e-3 * mu.std(0)).all()  # 0 up to float32 rounding
 
 
+def test_kl_split_adds_up_and_each_part_is_what_it_says():
+    torch.manual_seed(0)
+    mu = torch.randn(4000, 5, dtype=torch.float64) * torch.tensor([0.1, 0.5, 1.0, 2.0, 0.01]) + torch.tensor(
+        [0.0, 1.0, -2.0, 0.0, 0.5], dtype=torch.float64)
+    logvar = torch.randn(4000, 5, dtype=torch.float64) * 0.5 - 1.0
+    parts = common.kl_split(mu, logvar)
+    assert sum(parts.values()).item() == pytest.approx(common.kl_divergence(mu, logvar).sum(1).mean().item(), rel=1e-9)
+    # Independently: the codes' marginal, matched as a Gaussian N(E mu, t), t = Var mu + E s^2. Its KL from N(0, 1)
+    # is offset + scale, the part centred at 0 the scale alone; the information bound is that Gaussian's entropy
+    # less the encoder's mean entropy, h(z) <= h(N(E mu, t)) and h(z|x) = E h(N(mu, s^2)).
+    t = mu.var(0, unbiased=False) + logvar.exp().mean(0)
+    scale = torch_kl(Normal(torch.zeros(5, dtype=torch.float64), t.sqrt()), Normal(0.0, 1.0)).sum()
+    marginal = torch_kl(Normal(mu.mean(0), t.sqrt()), Normal(0.0, 1.0)).sum()
+    info = (Normal(0.0, t.sqrt()).entropy() - Normal(mu, (0.5 * logvar).exp()).entropy().mean(0)).sum()
+    assert parts["kl_scale"].item() == pytest.approx(scale.item(), rel=1e-9)
+    assert parts["kl_offset"].item() == pytest.approx((marginal - scale).item(), rel=1e-9)
+    assert parts["info_bound"].item() == pytest.approx(info.item(), rel=1e-9)
+
+
+def test_info_bound_is_the_information_of_a_gaussian_code():
+    # mu ~ N(0, a) and a fixed s^2: z = mu + s eps is a Gaussian channel with I(x; z) = 1/2 ln(1 + a / s^2).
+    # The bound holds with equality there, whatever the offset and scale routes cost.
+    torch.manual_seed(0)
+    a, s2 = torch.tensor([4.0, 0.25, 9.0]), torch.tensor([0.5, 0.1, 2.0])
+    mu = torch.randn(200_000, 3) * a.sqrt() + 3.0
+    parts = common.kl_split(mu.double(), s2.log().double().expand(200_000, 3))
+    assert parts["info_bound"].item() == pytest.approx(0.5 * torch.log(1 + a / s2).sum().item(), rel=2e-3)
+    assert parts["kl_offset"].item() == pytest.approx(3 * 0.5 * 9.0, rel=1e-2)  # (E mu)^2 / 2 per dim, mean 3
+
+
 @pytest.mark.parametrize("size,channels", [(32, 3), (64, 1)])
 def test_spatial_latent_shapes_and_kl_per_position_and_channel(size, channels):
     # A code map: one 4-channel code per 4 x 4 patch. Its KL per value matches torch.distributions,
     # the per-dim KL is each channel's sum over positions, and the decoder rebuilds the full image.
     torch.manual_seed(0)
-    model = common.VAE(channels, size, 4, 8, "mse", centre_mu=True, spatial=True)
+    model = common.VAE(channels, size, 4, 8, "mse", centre_mu=True, spatial=True)  # centring: a code vector's only
     raw, mu, logvar = forward(model, torch.rand(5, channels, size, size) * 2 - 1)
     assert mu.shape == logvar.shape == (5, 4, size // 4, size // 4) == (5, *model.latent_shape)
     assert raw.shape == (5, channels, size, size)
     expected = torch_kl(Normal(mu, (0.5 * logvar).exp()), Normal(0.0, 1.0))  # (B, c, h, w)
     torch.testing.assert_close(common.kl_divergence(mu, logvar), expected)
     torch.testing.assert_close(common.kl_per_dim(mu, logvar), expected.mean(0).sum((1, 2)))
-    assert (mu.mean((0, 2, 3)).abs() < 1e-3 * mu.std((0, 2, 3))).all()  # centred per channel, as the vector's
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert model.decoder.conv_out.weight.shape[0] == channels  # 04's adaptive weight reads this layer
 
 
@@ -210,7 +240,7 @@ def test_evaluate_against_direct_computation():
         seed, amp, dataset, decoder_std = 0, False, "shapes", 0.5
     model = common.VAE(1, 32, 4, 8)
     test = (torch.rand(300, 1, 32, 32) * 255).to(torch.uint8)
-    model.encoder(test[:64].float() / 127.5 - 1)  # one training-mode pass, so the running statistics are not the defaults
+    model.encoder(test[:64].float() / 127.5 - 1)  # one training-mode pass: running statistics not the defaults
     sse = lambda raw, x: (torch.tanh(raw) - x).pow(2).flatten(1).sum(1)  # noqa: E731
     metrics, mu = common.evaluate(model, test, sse, torch.device("cpu"), Args)
     model.eval()  # evaluation uses BatchNorm's running statistics, not the test batch's
@@ -228,8 +258,15 @@ def test_evaluate_against_direct_computation():
     expected = common.spectrum_metrics(common.power_spectrum(recon), common.power_spectrum(test.float() / 255))
     assert (metrics["hf_power_ratio"], metrics["spectrum_error"]) == pytest.approx(expected, rel=1e-3)
     assert metrics["test_kl_offset"] == pytest.approx(0.5 * mu_ref.mean(0).pow(2).sum().item(), rel=1e-4)
-    channel = 0.5 * torch.log(1 + mu_ref.var(0) / logvar_ref.exp().mean(0))  # per dim, nats
-    assert metrics["test_channel_nats"] == pytest.approx(channel.sum().item(), rel=1e-4)
+    parts = metrics["test_kl_offset"] + metrics["test_kl_scale"] + metrics["test_info_bound"]
+    assert parts == pytest.approx(metrics["test_kl"], rel=1e-6)  # the split is exact
+    assert metrics["latent_scale_factor"] is None  # no training images given
+    train = (torch.rand(100, 1, 32, 32) * 255).to(torch.uint8)
+    metrics, _ = common.evaluate(model, test, sse, torch.device("cpu"), Args, train=train)
+    model.eval()
+    with torch.no_grad():  # Stable Diffusion's factor: 1 / std of every value of z = mu over the training images
+        expected = 1 / model.encoder(train.float() / 127.5 - 1)[0].flatten().std().item()
+    assert metrics["latent_scale_factor"] == pytest.approx(expected, rel=1e-5)
     torch.testing.assert_close(mu, mu_ref)
 
 
@@ -271,8 +308,8 @@ def test_run_logs_means_without_per_step_sync_and_resume_keeps_earlier_rows(tmp_
            for step in resumed.steps()][0]
     assert row["step"] == 3 and row["loss"] == pytest.approx(1.0) and row["kl_1"] == pytest.approx(-2.0)
     assert row["beta"] == pytest.approx(0.1)
-    other = common.Run(argparse.Namespace(**dict(vars(args), out=str(tmp_path / "other"), max_steps=3)), "01_vanilla_vae",
-                       torch.device("cpu"), images)
+    other = common.Run(argparse.Namespace(**dict(vars(args), out=str(tmp_path / "other"), max_steps=3)),
+                       "01_vanilla_vae", torch.device("cpu"), images)
     ratios = [other.log(step, loss=torch.tensor(0.0), ratio=0.5 if step == 2 else None) for step in other.steps()]
     assert ratios[2]["ratio"] == 0.5  # measured once in the row, not diluted by the steps without it
 

@@ -44,7 +44,8 @@ def test_photo_folders_get_a_spatial_latent(photo_runs):
 def test_ladder_scores_match_each_runs_summary(photo_runs, tmp_path):
     figure = tmp_path / "ladder.png"
     result = subprocess.run([sys.executable, "-m", "tools.ladder", photo_runs["01_vanilla_vae"],
-                             photo_runs["03_lpips_frozen"], "--out", figure, "--lpips-random-backbone"], cwd=ROOT, capture_output=True, text=True)
+                             photo_runs["03_lpips_frozen"], "--out", figure, "--lpips-random-backbone"], cwd=ROOT,
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert figure.stat().st_size > 0
     lines = [line for line in result.stdout.splitlines() if "PSNR" in line]
@@ -52,7 +53,7 @@ def test_ladder_scores_match_each_runs_summary(photo_runs, tmp_path):
     for line, script in zip(lines, ["01_vanilla_vae", "03_lpips_frozen"]):
         summary = json.loads((photo_runs[script] / "summary.json").read_text())
         psnr, lpips_value, spectrum = map(float, re.search(
-            r"PSNR ([\d.]+) dB  LPIPS ([-\d.]+) .*spectrum error ([\d.]+)", line).groups())
+            r"PSNR ([\d.]+) dB  LPIPS-alex ([-\d.]+)  spectrum error ([\d.]+)", line).groups())
         # Rebuilt from checkpoint.pt and scored by the tool: the same numbers the run reported.
         assert psnr == pytest.approx(summary["test_psnr_db"], abs=0.01)
         assert spectrum == pytest.approx(summary["spectrum_error"], abs=0.002)
@@ -66,3 +67,11 @@ def test_ladder_refuses_runs_on_different_data(photo_runs, tmp_path):
     result = subprocess.run([sys.executable, "-m", "tools.ladder", photo_runs["01_vanilla_vae"], shapes],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.startswith("error:") and "different data" in result.stderr
+
+
+def test_the_zoomed_patch_is_where_the_detail_is():
+    from tools.ladder import busiest_patch
+    image = torch.zeros(3, 64, 64)
+    image[:, 40:52, 8:20] = torch.rand(3, 12, 12, generator=torch.Generator().manual_seed(0))  # texture in one place
+    top, left = busiest_patch(image, 16)
+    assert top <= 40 and 52 <= top + 16 and left <= 8 and 20 <= left + 16

@@ -246,8 +246,9 @@ def main():
         print(f"{'conventional DataLoader ' + size:28s} {ips:8.0f}{ratio}")
     if "quality" in results:
         q = results["quality"]
-        print(f"Fashion-MNIST, 784 pixels, {q['wall_s']:.0f} s each: 01 --recon bce -ELBO {q['ours_test_neg_elbo']:.1f} nats "
-              f"({q['ours_epochs']:.1f} epochs), MLP VAE {q['mlp_test_neg_elbo']:.1f} nats ({q['mlp_epochs']:.1f} epochs)")
+        print(f"Fashion-MNIST, 784 pixels, {q['wall_s']:.0f} s each: 01 --recon bce -ELBO "
+              f"{q['ours_test_neg_elbo']:.1f} nats ({q['ours_epochs']:.1f} epochs), "
+              f"MLP VAE {q['mlp_test_neg_elbo']:.1f} nats ({q['mlp_epochs']:.1f} epochs)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
 

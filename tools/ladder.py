@@ -4,18 +4,17 @@
         runs/03_lpips_frozen/folder-* runs/04_vae_gan_warmup/folder-* --out ladder.png
 
 Every run must be on the same data (data set, --data-dir, --image-size). For each run it rebuilds the
-model from checkpoint.pt, reconstructs the whole test set from z = mu and scores all runs the same
-way: PSNR, LPIPS (AlexNet; the random backbone unless the ImageNet file is in $TORCH_HOME, see 03)
-and spectrum error (common.spectrum_metrics: 0 = the data's power spectrum; blur and noise both
-raise it). Each row is labelled with the three; the last two columns enlarge a patch 4x, of the two
-shown images with the most fine detail, so texture can be seen. The numbers are also printed, one line per run.
+model from checkpoint.pt, reconstructs the test set from z = mu and scores all runs the same way, as
+the scripts do: PSNR, LPIPS-alex (what 03 and 04 train against), LPIPS-VGG (a network none of them
+trains against; on the first 1,000 test images) and spectrum error (common.spectrum_metrics: 0 = the
+data's power spectrum; blur and noise both raise it). LPIPS needs the ImageNet backbones (see 03:
+torchvision's files, or `python -m tools.lpips_weights`); a score whose file is missing is left out.
+Each row is labelled with the scores; the last two columns enlarge 4x the busiest patch of the two shown
+images with the most fine detail, so texture can be seen. The numbers are also printed, one line per run.
 """
 import argparse
-import contextlib
-import io
 import json
 import math
-import warnings
 from pathlib import Path
 
 import torch
@@ -31,27 +30,13 @@ LABELS = {"01_vanilla_vae": "01 ELBO", "02_burgess_capacity": "02 capacity", "03
 def load_run(folder):
     """(script, args, VAE with the run's final weights) from a run folder."""
     state = common.load_checkpoint(Path(folder) / "checkpoint.pt")
-    args = argparse.Namespace(**dict({"recon": "mse", "latent": "vector"}, **state["args"]))
+    args = argparse.Namespace(**dict({"recon": "mse", "latent": "vector", "no_centring": False}, **state["args"]))
     channels = state["model"]["decoder.conv_out.bias"].numel()
     model = common.VAE(channels, args.image_size, args.latent_dim, args.width, args.recon,
-                       centre_mu=state["script"] != "01_vanilla_vae", spatial=args.latent == "spatial")
+                       centre_mu=state["script"] != "01_vanilla_vae" and not args.no_centring,
+                       spatial=args.latent == "spatial")
     model.load_state_dict(state["model"])
     return state["script"], args, model.eval()
-
-
-def perceptual_metric(random_backbone):
-    """LPIPS-alex as 03 builds it: the ImageNet backbone if it loads (and not random_backbone), else the
-    random one that a seed-0 run of 03 or 04 with --lpips-random-backbone has."""
-    import lpips
-    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        if not random_backbone:
-            try:
-                return lpips.LPIPS(net="alex", verbose=False).eval(), "ImageNet"
-            except Exception:  # no weights file and no network
-                pass
-        torch.manual_seed(0)
-        return lpips.LPIPS(net="alex", pnet_rand=True, verbose=False).eval(), "random"
 
 
 @torch.no_grad()
@@ -62,27 +47,39 @@ def reconstruct(model, images, recon):
 
 
 @torch.no_grad()
-def scores(recon, originals, perceptual):
-    """PSNR (dB), mean LPIPS and spectrum error of [0, 1] reconstructions against the originals."""
+def scores(recon, originals, metrics):
+    """{PSNR (dB), spectrum error, and per LPIPS metric {name: (module, images scored)} its mean} of [0, 1]
+    reconstructions against the originals."""
     mse = (recon - originals).pow(2).mean().item()
-    lpips_values = torch.cat([perceptual(r * 2 - 1, o * 2 - 1).flatten() for r, o in zip(
-        recon.expand(-1, 3, -1, -1).split(200), originals.expand(-1, 3, -1, -1).split(200))])
     _, error = common.spectrum_metrics(common.power_spectrum(recon), common.power_spectrum(originals))
-    return 10 * math.log10(1 / mse), lpips_values.mean().item(), error
+    found = {"PSNR": 10 * math.log10(1 / mse), "spectrum": error}
+    for name, (perceptual, n) in metrics.items():
+        found[name] = torch.cat([common.lpips_distance(perceptual, r * 2 - 1, o * 2 - 1) for r, o in
+                                 zip(recon[:n].split(200), originals[:n].split(200))]).mean().item()
+    return found
 
 
-def draw(path, rows, labels, picks, zoom, patch):
-    """rows: [(N, C, H, W) in [0, 1]] -> one figure; the last two columns enlarge `patch` of images `zoom`."""
+def busiest_patch(image, side):
+    """(top, left) of the side x side window, on a grid of half steps, with the most pixel-to-pixel change."""
+    change = (image[:, 1:, 1:] - image[:, :-1, 1:]).abs().sum(0) + (image[:, 1:, 1:] - image[:, 1:, :-1]).abs().sum(0)
+    windows = F.avg_pool2d(change[None, None], side - 1, stride=side // 2)[0, 0]  # (rows, cols) of windows
+    row, col = divmod(int(windows.argmax()), windows.shape[1])
+    return row * (side // 2), col * (side // 2)
+
+
+def draw(path, rows, labels, picks, zoom, side):
+    """rows: [(N, C, H, W) in [0, 1]] -> one figure; the last two columns enlarge a side x side patch of the
+    images `zoom`: the patch of the original with the most detail."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     n, size = len(picks), rows[0].shape[-1]
     fig, axes = plt.subplots(len(rows), n + 2, figsize=(1.3 * (n + 2) + 2.4, 1.35 * len(rows)), squeeze=False)
-    top, left, side = patch
+    corners = [busiest_patch(rows[0][i], side) for i in zoom]  # rows[0]: the originals
     for r, (images, label) in enumerate(zip(rows, labels)):
         tiles = [images[i] for i in picks] + [
             F.interpolate(images[i:i + 1, :, top:top + side, left:left + side], scale_factor=size // side * 1.0,
-                          mode="nearest")[0] for i in zoom]
+                          mode="nearest")[0] for i, (top, left) in zip(zoom, corners)]
         for c, tile in enumerate(tiles):
             ax = axes[r, c]
             ax.imshow(tile.clamp(0, 1).permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1,
@@ -103,7 +100,7 @@ def main():
     p.add_argument("--images", type=int, default=6, help="test images shown, evenly spaced (default: 6)")
     p.add_argument("--labels", nargs="+", default=None, help="one row label per run (default: the script's)")
     p.add_argument("--lpips-random-backbone", action="store_true",
-                   help="score with the random backbone even where the ImageNet one loads (default: off)")
+                   help="LPIPS-alex with a random backbone (seed 0, as 03 builds it); for tests only (default: off)")
     args = p.parse_args()
     if args.labels and len(args.labels) != len(args.runs):
         common.fail(f"--labels gives {len(args.labels)} labels for {len(args.runs)} runs")
@@ -114,22 +111,30 @@ def main():
     _, test, _ = common.load_data(loaded[0][1])
     originals = test.float() / 255
     picks = torch.linspace(0, len(test) - 1, min(args.images, len(test))).round().long().tolist()
-    perceptual, backbone = perceptual_metric(args.lpips_random_backbone)
+    torch.manual_seed(0)  # the random backbone that a seed-0 run builds
+    cpu = torch.device("cpu")
+    alex, _ = common.load_lpips("alex", args.lpips_random_backbone, cpu, required=False)
+    vgg, _ = (None, None) if args.lpips_random_backbone else common.load_lpips("vgg", False, cpu, required=False)
+    metrics = {name: (m.eval(), n) for name, m, n in [("LPIPS-alex", alex, len(test)), ("LPIPS-VGG", vgg, 1000)]
+               if m is not None}  # name -> (LPIPS, how many test images it scores)
     rows, labels = [originals], ["originals"]
     for i, (folder, (script, run_args, model)) in enumerate(zip(args.runs, loaded)):
         recon = reconstruct(model, test, run_args.recon)
-        psnr, lpips_value, error = scores(recon, originals, perceptual)
+        found = scores(recon, originals, metrics)
         kl = json.loads((Path(folder) / "summary.json").read_text()).get("test_kl", float("nan"))
         rows.append(recon)
         name = args.labels[i] if args.labels else LABELS.get(script, script)
-        labels.append(f"{name}\nPSNR {psnr:.1f} dB\nLPIPS {lpips_value:.3f}\nspectrum {error:.2f}")
-        print(f"{folder}: {script}  PSNR {psnr:.2f} dB  LPIPS {lpips_value:.4f} ({backbone} AlexNet)  "
-              f"spectrum error {error:.3f}  KL {kl:.0f} nats")
+        labels.append("\n".join([name, f"PSNR {found['PSNR']:.1f} dB"] + [f"{k} {found[k]:.3f}" for k in metrics] +
+                                 [f"spectrum {found['spectrum']:.2f}"]))
+        print(f"{folder}: {script}  PSNR {found['PSNR']:.2f} dB  " + "".join(f"{k} {found[k]:.4f}  " for k in metrics) +
+              f"spectrum error {found['spectrum']:.3f}  KL {kl:.0f} nats")
     size = test.shape[-1]
     detail = [(originals[i, :, 1:] - originals[i, :, :-1]).abs().mean().item() for i in picks]
     zoom = [picks[j] for j in sorted(range(len(picks)), key=lambda j: -detail[j])[:2]]  # the most fine detail
-    draw(args.out, rows, labels, picks, zoom, patch=(size // 4, size // 4, size // 4))
-    print(f"wrote {args.out} ({len(test)} test images scored; LPIPS with the {backbone} AlexNet backbone)")
+    draw(args.out, rows, labels, picks, zoom, side=size // 4)
+    backbone = "random AlexNet (not a perceptual metric)" if args.lpips_random_backbone else "ImageNet"
+    print(f"wrote {args.out} ({len(test)} test images; LPIPS: {', '.join(metrics) or 'none, no backbone file'}, "
+          f"{backbone} backbones)")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ def main():
     args.image_size = args.image_size or (64 if args.dataset in ("shapes", "celeba", "folder") else 32)
     train, _, _ = common.load_data(args)
     ratios = leading_variances(train[:args.images])
-    print(f"{args.dataset}, {args.image_size} px: leading PCA variances / first: " + " ".join(f"{r:.2f}" for r in ratios))
+    print(f"{args.dataset}, {args.image_size} px: leading PCA variances / first: "
+          + " ".join(f"{r:.2f}" for r in ratios))
 
 
 if __name__ == "__main__":

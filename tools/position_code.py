@@ -27,7 +27,8 @@ def checkpoint_codes(out):
     a = dict({"recon": "mse"}, **state["args"])  # 03-04 have no --recon: always the Gaussian (MSE) likelihood
     if a["dataset"] != "shapes":
         common.fail(f"{out} is a {a['dataset']} run; the true factors are known only for shapes")
-    _, test, factors = common.load_data(argparse.Namespace(dataset="shapes", image_size=a["image_size"]))  # the run's own test set
+    # the run's own test set
+    _, test, factors = common.load_data(argparse.Namespace(dataset="shapes", image_size=a["image_size"]))
     centre = any("to_mu.0.running_mean" in k for k in state["model"])  # 02-04 centre mu's inputs
     model = common.VAE(1, a["image_size"], a["latent_dim"], a["width"], a["recon"], centre_mu=centre)
     model.load_state_dict(state["model"])
