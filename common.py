@@ -82,8 +82,8 @@ def parse_args(parser, argv=None):
     # a code map carries a photo only if detail is priced near the size of its errors (01)
     if args.decoder_std is None:
         args.decoder_std = 0.1 if args.latent == "spatial" else math.sqrt(0.5)
-    if getattr(args, "capacity_max", 0) is None:  # 02-04's C_max: 25 nats for a code vector (Burgess et al.); a code
-        codes = args.latent_dim * (args.image_size // SPATIAL_FACTOR) ** 2  # map's grows with its size, 1.5 per value
+    if getattr(args, "capacity_max", 0) is None:  # 02-04's C_max, nats: 25 for a code vector (Burgess et al.),
+        codes = args.latent_dim * (args.image_size // SPATIAL_FACTOR) ** 2  # 1.5 per value of a code map
         args.capacity_max = 25.0 if args.latent == "vector" else 1.5 * codes
     lowest = {"epochs": 1, "batch_size": 2, "latent_dim": 1, "width": 1, "log_every": 1, "max_steps": 0}
     for name, low in lowest.items():

