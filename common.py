@@ -328,7 +328,8 @@ class Decoder(nn.Module):
 class SpatialEncoder(Encoder):
     """x (B, C, H, W) -> mu, logvar (B, c, H/4, W/4): convolutions only, so the map keeps the image's layout, as
     in Stable Diffusion's KL autoencoders. Each code sees an 18 x 18 pixel window around its 4 x 4 patch (Stable
-    Diffusion's encoder adds attention: its codes see the whole image). Never centred (docs/results.md)."""
+    Diffusion's encoder adds attention: its codes see the whole image). Never centred: per channel, centring
+    moved nats from information into scale (docs/results.md)."""
 
     def __init__(self, channels, latent_channels, width):
         nn.Module.__init__(self)  # Encoder's forward, with these layers
@@ -357,7 +358,7 @@ class SpatialDecoder(nn.Module):
 class VAE(nn.Module):
     """An encoder (x -> mu, logvar) and a decoder (z -> Bernoulli logits for recon='bce', pre-tanh for 'mse');
     the chapters draw z between the two. channel_mean (C,) in [0, 1] starts the output at the data's mean colour:
-    on shapes (2% of pixels lit) an untrained decoder's first steps otherwise darken the background, cutting z off."""
+    on shapes (3% of pixels lit) an untrained decoder's first steps otherwise darken the background, cutting z off."""
 
     def __init__(self, channels, image_size, latent_dim, width, recon="mse", channel_mean=None, centre_mu=False,
                  spatial=False):

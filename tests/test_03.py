@@ -20,6 +20,13 @@ def perceptual(lp03):
     return common.load_lpips("alex", random_backbone=True, device=torch.device("cpu"))[0].eval().requires_grad_(False)
 
 
+def test_lpips_as_built_leaves_its_lin_heads_trainable():
+    # the trap 03 closes: lpips.LPIPS freezes its backbone only
+    built = common.load_lpips("alex", random_backbone=True, device=torch.device("cpu"))[0]
+    assert not any(p.requires_grad for p in built.net.parameters())
+    assert all(p.requires_grad for p in built.lins.parameters())
+
+
 def test_no_gradient_reaches_lpips(lp03, perceptual):
     assert sum(p.numel() for p in perceptual.lins.parameters()) == 1152  # the heads lpips leaves trainable
     reconstruction = torch.rand(4, 1, 32, 32, requires_grad=True)
