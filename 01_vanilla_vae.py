@@ -5,7 +5,7 @@ minimises -ELBO(x) = -E_q[log p(x|z)] + KL(q(z|x) || N(0, I)) >= -log p(x), nats
 sigma prices an error at (x - m)^2 / (2 sigma^2) nats; the default sigma^2 = 1/2 (a plain sum of squared errors) is
 wide against this model's errors (summary.json: effective_beta 33, beta against the sigma that fits them), so
 the decoder averages away what the small code does not hold. Posterior collapse (Lucas et al. 2019): the KL wins,
-q(z|x) = N(0, I), z ignored; the run warns when at most one dim's KL is above 0.1 nat. Fix: smaller --beta, --free-bits.
+q(z|x) = N(0, I); the run warns at a KL under 1 nat or at most one dim above 0.1 nat. Fix: smaller --beta, --free-bits.
 
 Run:   python 01_vanilla_vae.py                              # shapes, 64 px, ~5 min on a 2-core CPU
        python 01_vanilla_vae.py --beta 50 --max-steps 300    # posterior collapse, and its warning
