@@ -1,5 +1,7 @@
 """Helpers: load a numbered script as a module (their names start with a digit), run one as a user would."""
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -16,6 +18,7 @@ from tools.position_code import checkpoint_codes  # noqa: E402,F401
 # No test sees the user's downloaded or converted LPIPS backbones: an empty torch.hub folder for every test and
 # every script it runs (tests that need a backbone file place one in their own TORCH_HOME).
 os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="torch_home_")
+atexit.register(shutil.rmtree, os.environ["TORCH_HOME"], ignore_errors=True)
 
 # Small, fast settings for real runs: 32 px shapes, a few hundred steps.
 QUICK = ["--image-size", "32", "--log-every", "20"]

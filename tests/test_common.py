@@ -271,6 +271,27 @@ def test_evaluate_against_direct_computation():
 
 
 # ----------------------------------------------------------------------------- batches, logs, checkpoints
+def test_mean_lpips_is_evaluates_test_lpips_and_a_direct_computation():
+    # 03 and 04 score LPIPS-VGG with mean_lpips and LPIPS-alex inside evaluate: both must measure the same thing
+    class Args:
+        seed, amp, dataset, decoder_std = 0, False, "shapes", 0.5
+    perceptual, _ = common.load_lpips("alex", True, torch.device("cpu"))  # random backbone: any fixed network will do
+    torch.manual_seed(0)
+    model = common.VAE(3, 32, 4, 8)
+    test = (torch.rand(40, 3, 32, 32) * 255).to(torch.uint8)
+    found = common.mean_lpips(perceptual, model, test, torch.device("cpu"), Args)
+    assert model.training  # handed back as it came
+    metrics, _ = common.evaluate(model, test, lambda raw, x: raw.new_zeros(len(x)), torch.device("cpu"), Args,
+                                 extra=lambda x, mean: {"test_lpips": common.lpips_distance(perceptual, mean, x)})
+    model.eval()
+    with torch.no_grad():  # by hand: decode z = mu, then LPIPS on [-1, 1] images, one image at a time
+        x = test.float() / 127.5 - 1
+        direct = torch.stack([perceptual(torch.tanh(model.decoder(model.encoder(x[i:i + 1])[0])), x[i:i + 1])
+                              for i in range(len(x))]).mean().item()
+    assert found == pytest.approx(direct, rel=1e-5)
+    assert metrics["test_lpips"] == pytest.approx(direct, rel=1e-5)
+
+
 def test_batches_are_a_fixed_permutation_per_epoch():
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1)
     batches = common.Batches(images, 3, seed=5, device=torch.device("cpu"))

@@ -62,9 +62,11 @@ def test_ladder_scores_match_each_runs_summary(photo_runs, tmp_path):
 
 
 def test_ladder_refuses_runs_on_different_data(photo_runs, tmp_path):
-    shapes = tmp_path / "shapes"
-    assert run_cli("01_vanilla_vae", "--image-size", "32", "--max-steps", "2", "--out", shapes).returncode == 0
-    result = subprocess.run([sys.executable, "-m", "tools.ladder", photo_runs["01_vanilla_vae"], shapes],
+    config = json.loads((photo_runs["01_vanilla_vae"] / "config.json").read_text())["args"]
+    other = tmp_path / "smaller"  # the same photos at 16 px: other data
+    assert run_cli("01_vanilla_vae", "--dataset", "folder", "--data-dir", config["data_dir"], "--image-size", "16",
+                   "--batch-size", "16", "--max-steps", "2", "--out", other).returncode == 0
+    result = subprocess.run([sys.executable, "-m", "tools.ladder", photo_runs["01_vanilla_vae"], other],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.startswith("error:") and "different data" in result.stderr
 

@@ -3,6 +3,7 @@ hand, its checks and errors, and common.load_lpips's order (torchvision's file, 
 else a download) and its exit-2 message. Nothing here downloads: the real sdist is never needed."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -170,11 +171,26 @@ def test_a_broken_backbone_file_exits_2_naming_it(offline_home, capsys, which):
 
 def test_a_run_with_only_the_converted_files_uses_the_imagenet_backbone(offline_home):
     # What a user gets after `python -m tools.lpips_weights`: 03 runs offline with both backbones, and says which.
+    from PIL import Image
     place("alex", converted=True, seed=3)
     place("vgg", converted=True, seed=3)
-    result = run_cli("03_lpips_frozen", *QUICK, "--max-steps", "2", "--out", offline_home / "run")  # its TORCH_HOME
+    for part, n in [("train", 32), ("test", 8)]:  # a small folder of smooth colour images: the test stays quick
+        (offline_home / "photos" / part).mkdir(parents=True)
+        for i in range(n):
+            small = torch.randint(0, 256, (4, 4, 3), generator=torch.Generator().manual_seed(i + 100 * n)).numpy()
+            Image.fromarray(small.astype("uint8")).resize((32, 32), Image.BILINEAR).save(
+                offline_home / "photos" / part / f"{i}.png")
+    result = run_cli("03_lpips_frozen", *QUICK, "--dataset", "folder", "--data-dir", offline_home / "photos",
+                     "--batch-size", "16", "--max-steps", "2", "--out", offline_home / "run")  # its TORCH_HOME
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((offline_home / "run" / "summary.json").read_text())
     assert summary["lpips_backbone"] == "imagenet"
     assert summary["lpips_backbone_file"] == str(common.lpips_files("alex")[1])
     assert 0 < summary["test_lpips_vgg"] < 2 and summary["test_lpips_vgg"] != summary["test_lpips"]
+    # tools.ladder rebuilds the model from checkpoint.pt and scores it with both backbones its own way: the same numbers
+    ladder = subprocess.run([sys.executable, "-m", "tools.ladder", offline_home / "run",
+                             "--out", offline_home / "ladder.png"], cwd=ROOT, capture_output=True, text=True)
+    assert ladder.returncode == 0, ladder.stderr[-2000:]
+    alex, vgg = map(float, re.search(r"LPIPS-alex ([\d.]+)  LPIPS-VGG ([\d.]+)", ladder.stdout).groups())
+    assert alex == pytest.approx(summary["test_lpips"], abs=2e-4)
+    assert vgg == pytest.approx(summary["test_lpips_vgg"], abs=2e-4)

@@ -1,4 +1,5 @@
 """Helper programs a user may run (python -m tools.NAME --help); not needed by the numbered scripts."""
+import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -13,3 +14,18 @@ def load_script(stem):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_run(folder):
+    """(script, args, VAE with the final weights, in eval mode) of a run folder, rebuilt from its checkpoint.pt.
+    The architecture is read off the saved weights: channels from the last layer, centring from the BatchNorm
+    before mu (02-04's code vectors; 01 and code maps have none). 03 and 04 have no --recon: always "mse"."""
+    import common
+    state = common.load_checkpoint(Path(folder) / "checkpoint.pt")
+    args = argparse.Namespace(**dict({"recon": "mse", "latent": "vector"}, **state["args"]))
+    weights = state["model"]
+    model = common.VAE(weights["decoder.conv_out.bias"].numel(), args.image_size, args.latent_dim, args.width,
+                       args.recon, centre_mu="encoder.to_mu.0.running_mean" in weights,
+                       spatial=args.latent == "spatial")
+    model.load_state_dict(weights)
+    return state["script"], args, model.eval()

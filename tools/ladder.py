@@ -20,23 +20,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tools import ROOT  # noqa: F401  also puts the repository root on sys.path
+from tools import load_run  # also puts the repository root on sys.path
 import common  # noqa: E402
 
 LABELS = {"01_vanilla_vae": "01 ELBO", "02_burgess_capacity": "02 capacity", "03_lpips_frozen": "03 + LPIPS",
           "04_vae_gan_warmup": "04 + GAN"}
-
-
-def load_run(folder):
-    """(script, args, VAE with the run's final weights) from a run folder."""
-    state = common.load_checkpoint(Path(folder) / "checkpoint.pt")
-    args = argparse.Namespace(**dict({"recon": "mse", "latent": "vector", "no_centring": False}, **state["args"]))
-    channels = state["model"]["decoder.conv_out.bias"].numel()
-    model = common.VAE(channels, args.image_size, args.latent_dim, args.width, args.recon,
-                       centre_mu=state["script"] != "01_vanilla_vae" and not args.no_centring,
-                       spatial=args.latent == "spatial")
-    model.load_state_dict(state["model"])
-    return state["script"], args, model.eval()
 
 
 @torch.no_grad()

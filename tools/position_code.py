@@ -16,25 +16,19 @@ from pathlib import Path
 
 import torch
 
-from tools import ROOT  # noqa: F401  also puts the repository root on sys.path
+from tools import load_run  # also puts the repository root on sys.path
 import common  # noqa: E402
 
 
 def checkpoint_codes(out):
     """(mu, true factors) of the shapes test images, recomputed from the run's checkpoint.pt: an
     independent path to the codes that a script's summary.json scores (MIG, switch_on)."""
-    state = common.load_checkpoint(Path(out) / "checkpoint.pt")
-    a = dict({"recon": "mse"}, **state["args"])  # 03-04 have no --recon: always the Gaussian (MSE) likelihood
-    if a["dataset"] != "shapes":
-        common.fail(f"{out} is a {a['dataset']} run; the true factors are known only for shapes")
-    # the run's own test set
-    _, test, factors = common.load_data(argparse.Namespace(dataset="shapes", image_size=a["image_size"]))
-    centre = any("to_mu.0.running_mean" in k for k in state["model"])  # 02-04 centre mu's inputs
-    model = common.VAE(1, a["image_size"], a["latent_dim"], a["width"], a["recon"], centre_mu=centre)
-    model.load_state_dict(state["model"])
-    model.eval()
+    _, a, model = load_run(out)
+    if a.dataset != "shapes":
+        common.fail(f"{out} is a {a.dataset} run; the true factors are known only for shapes")
+    _, test, factors = common.load_data(a)  # the run's own test set
     with torch.no_grad():
-        mu = torch.cat([model.encoder(common.to_model_range(chunk, a["recon"]))[0] for chunk in test.split(500)])
+        mu = torch.cat([model.encoder(common.to_model_range(chunk, a.recon))[0] for chunk in test.split(500)])
     return mu, factors
 
 
