@@ -16,13 +16,16 @@ def load_script(stem):
     return module
 
 
-def load_run(folder):
+def load_run(folder, dataset=None):
     """(script, args, VAE with the final weights, in eval mode) of a run folder, rebuilt from its checkpoint.pt.
     The architecture is read off the saved weights: channels from the last layer, centring from the BatchNorm
-    before mu (02-04's code vectors; 01 and code maps have none). 03 and 04 have no --recon: always "mse"."""
+    before mu (02-04's code vectors; 01 and code maps have none). 03 and 04 have no --recon: always "mse".
+    dataset: the one the caller can use; a run on another stops with exit 2."""
     import common
     state = common.load_checkpoint(Path(folder) / "checkpoint.pt")
     args = argparse.Namespace(**dict({"recon": "mse", "latent": "vector"}, **state["args"]))
+    if dataset and args.dataset != dataset:
+        common.fail(f"{folder} is a {args.dataset} run; this works only for {dataset} runs")
     weights = state["model"]
     model = common.VAE(weights["decoder.conv_out.bias"].numel(), args.image_size, args.latent_dim, args.width,
                        args.recon, centre_mu="encoder.to_mu.0.running_mean" in weights,
