@@ -271,16 +271,17 @@ def test_evaluate_against_direct_computation():
 
 
 # ----------------------------------------------------------------------------- batches, logs, checkpoints
-def test_mean_lpips_is_evaluates_test_lpips_and_a_direct_computation():
+def test_mean_lpips_equals_evaluates_test_lpips_and_a_direct_computation():
     # 03 and 04 score LPIPS-VGG with mean_lpips and LPIPS-alex inside evaluate: both must measure the same thing
     class Args:
         seed, amp, dataset, decoder_std = 0, False, "shapes", 0.5
     perceptual, _ = common.load_lpips("alex", True, torch.device("cpu"))  # random backbone: any fixed network will do
     torch.manual_seed(0)
-    model = common.VAE(3, 32, 4, 8)
+    model = common.VAE(3, 32, 4, 8, centre_mu=True)  # BatchNorm: scoring in training mode would change mu
     test = (torch.rand(40, 3, 32, 32) * 255).to(torch.uint8)
+    model.encoder(test.float() / 127.5 - 1)  # one training-mode pass: running statistics not the defaults
     found = common.mean_lpips(perceptual, model, test, torch.device("cpu"), Args)
-    assert model.training  # handed back as it came
+    assert model.training  # back in training mode for the loop that called it
     metrics, _ = common.evaluate(model, test, lambda raw, x: raw.new_zeros(len(x)), torch.device("cpu"), Args,
                                  extra=lambda x, mean: {"test_lpips": common.lpips_distance(perceptual, mean, x)})
     model.eval()
