@@ -1,4 +1,5 @@
-"""Helpers: load a numbered script as a module (their names start with a digit), run one as a user would."""
+"""Helpers: load a numbered script as a module (their names start with a digit), run one as a user would,
+make a tiny folder of photos."""
 import atexit
 import os
 import shutil
@@ -9,6 +10,7 @@ import urllib.error
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -22,6 +24,18 @@ atexit.register(shutil.rmtree, os.environ["TORCH_HOME"], ignore_errors=True)
 
 # Small, fast settings for real runs: 32 px shapes, a few hundred steps.
 QUICK = ["--image-size", "32", "--log-every", "20"]
+
+
+def photo_folder(root, n_train, n_test, size):
+    """A tiny photo set: root/train/ and root/test/ of smooth random colour PNGs (4 x 4 noise enlarged)."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for part, n in [("train", n_train), ("test", n_test)]:
+        (root / part).mkdir(parents=True)
+        for i in range(n):
+            small = torch.randint(0, 256, (4, 4, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(small).resize((size, size), Image.BILINEAR).save(root / part / f"{i:02d}.png")
+    return root
 
 
 def no_network(*args, **kwargs):
@@ -65,7 +79,6 @@ def assert_rejected(script, *args, mentions):
 def offline_home(tmp_path, monkeypatch):
     """An empty TORCH_HOME on a machine whose downloads fail."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    import torch
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     return tmp_path
 

@@ -233,16 +233,18 @@ def test_spectrum_metrics_against_loops_and_for_blur_and_noise():
     assert got["blurred"][1] > 0.1 and got["noisy"][1] > 0.1
 
 
+class EvalArgs:  # the flags common.evaluate reads
+    seed, amp, dataset, decoder_std = 0, False, "shapes", 0.5
+
+
 def test_evaluate_against_direct_computation():
     torch.manual_seed(0)
 
-    class Args:
-        seed, amp, dataset, decoder_std = 0, False, "shapes", 0.5
     model = common.VAE(1, 32, 4, 8)
     test = (torch.rand(300, 1, 32, 32) * 255).to(torch.uint8)
     model.encoder(test[:64].float() / 127.5 - 1)  # one training-mode pass: running statistics not the defaults
     sse = lambda raw, x: (torch.tanh(raw) - x).pow(2).flatten(1).sum(1)  # noqa: E731
-    metrics, mu = common.evaluate(model, test, sse, torch.device("cpu"), Args)
+    metrics, mu = common.evaluate(model, test, sse, torch.device("cpu"), EvalArgs)
     model.eval()  # evaluation uses BatchNorm's running statistics, not the test batch's
     with torch.no_grad():
         x = test.float() / 127.5 - 1
@@ -262,7 +264,7 @@ def test_evaluate_against_direct_computation():
     assert parts == pytest.approx(metrics["test_kl"], rel=1e-6)  # the split is exact
     assert metrics["latent_scale_factor"] is None  # no training images given
     train = (torch.rand(100, 1, 32, 32) * 255).to(torch.uint8)
-    metrics, _ = common.evaluate(model, test, sse, torch.device("cpu"), Args, train=train)
+    metrics, _ = common.evaluate(model, test, sse, torch.device("cpu"), EvalArgs, train=train)
     model.eval()
     with torch.no_grad():  # Stable Diffusion's factor: 1 / std of every value of z = mu over the training images
         expected = 1 / model.encoder(train.float() / 127.5 - 1)[0].flatten().std().item()
@@ -270,19 +272,16 @@ def test_evaluate_against_direct_computation():
     torch.testing.assert_close(mu, mu_ref)
 
 
-# ----------------------------------------------------------------------------- batches, logs, checkpoints
 def test_mean_lpips_equals_evaluates_test_lpips_and_a_direct_computation():
     # 03 and 04 score LPIPS-VGG with mean_lpips and LPIPS-alex inside evaluate: both must measure the same thing
-    class Args:
-        seed, amp, dataset, decoder_std = 0, False, "shapes", 0.5
     perceptual, _ = common.load_lpips("alex", True, torch.device("cpu"))  # random backbone: any fixed network will do
     torch.manual_seed(0)
     model = common.VAE(3, 32, 4, 8, centre_mu=True)  # BatchNorm: scoring in training mode would change mu
     test = (torch.rand(40, 3, 32, 32) * 255).to(torch.uint8)
     model.encoder(test.float() / 127.5 - 1)  # one training-mode pass: running statistics not the defaults
-    found = common.mean_lpips(perceptual, model, test, torch.device("cpu"), Args)
+    found = common.mean_lpips(perceptual, model, test, torch.device("cpu"), EvalArgs)
     assert model.training  # back in training mode for the loop that called it
-    metrics, _ = common.evaluate(model, test, lambda raw, x: raw.new_zeros(len(x)), torch.device("cpu"), Args,
+    metrics, _ = common.evaluate(model, test, lambda raw, x: raw.new_zeros(len(x)), torch.device("cpu"), EvalArgs,
                                  extra=lambda x, mean: {"test_lpips": common.lpips_distance(perceptual, mean, x)})
     model.eval()
     with torch.no_grad():  # by hand: decode z = mu, then LPIPS on [-1, 1] images, one image at a time
@@ -293,6 +292,7 @@ def test_mean_lpips_equals_evaluates_test_lpips_and_a_direct_computation():
     assert metrics["test_lpips"] == pytest.approx(direct, rel=1e-5)
 
 
+# ----------------------------------------------------------------------------- batches, logs, checkpoints
 def test_batches_are_a_fixed_permutation_per_epoch():
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1)
     batches = common.Batches(images, 3, seed=5, device=torch.device("cpu"))

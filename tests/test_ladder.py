@@ -8,20 +8,13 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, photo_folder, run_cli
 
 
 @pytest.fixture(scope="module")
 def photo_runs(tmp_path_factory):
     """A 01 and a 03 run on a small folder of smooth random colour images split into train/ and test/."""
-    from PIL import Image
-    root = tmp_path_factory.mktemp("photos")
-    g = torch.Generator().manual_seed(0)
-    for part, n in [("train", 48), ("test", 8)]:
-        (root / part).mkdir()
-        for i in range(n):
-            small = torch.randint(0, 256, (4, 4, 3), generator=g, dtype=torch.uint8).numpy()
-            Image.fromarray(small).resize((48, 48), Image.BILINEAR).save(root / part / f"{i:02d}.png")
+    root = photo_folder(tmp_path_factory.mktemp("photos"), 48, 8, size=48)
     runs = {}
     for script, extra in [("01_vanilla_vae", []), ("03_lpips_frozen", ["--lpips-random-backbone"])]:
         out = root.parent / f"{root.name}-{script}"

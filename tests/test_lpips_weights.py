@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import torchvision
 
 import common
-from conftest import ROOT, QUICK, assert_clean_error, run_cli
+from conftest import ROOT, QUICK, assert_clean_error, photo_folder, run_cli
 from tools import lpips_weights
 
 
@@ -171,15 +171,9 @@ def test_a_broken_backbone_file_exits_2_naming_it(offline_home, capsys, which):
 
 def test_a_run_with_only_the_converted_files_uses_the_imagenet_backbone(offline_home):
     # What a user gets after `python -m tools.lpips_weights`: 03 runs offline with both backbones, and says which.
-    from PIL import Image
     place("alex", converted=True, seed=3)
     place("vgg", converted=True, seed=3)
-    for part, n in [("train", 32), ("test", 8)]:  # a small folder of smooth colour images: the test stays quick
-        (offline_home / "photos" / part).mkdir(parents=True)
-        for i in range(n):
-            small = torch.randint(0, 256, (4, 4, 3), generator=torch.Generator().manual_seed(i + 100 * n)).numpy()
-            Image.fromarray(small.astype("uint8")).resize((32, 32), Image.BILINEAR).save(
-                offline_home / "photos" / part / f"{i}.png")
+    photo_folder(offline_home / "photos", 32, 8, size=32)  # a small folder, so the test stays quick
     result = run_cli("03_lpips_frozen", *QUICK, "--dataset", "folder", "--data-dir", offline_home / "photos",
                      "--batch-size", "16", "--max-steps", "2", "--out", offline_home / "run")  # its TORCH_HOME
     assert result.returncode == 0, result.stderr[-2000:]
