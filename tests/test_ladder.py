@@ -37,10 +37,12 @@ def test_photo_folders_get_a_spatial_latent(photo_runs):
 def test_ladder_scores_match_each_runs_summary(photo_runs, tmp_path):
     figure = tmp_path / "ladder.png"
     result = subprocess.run([sys.executable, "-m", "tools.ladder", photo_runs["01_vanilla_vae"],
-                             photo_runs["03_lpips_frozen"], "--out", figure, "--lpips-random-backbone"], cwd=ROOT,
-                            capture_output=True, text=True)
+                             photo_runs["03_lpips_frozen"], "--out", figure, "--lpips-random-backbone",
+                             "--show", "0", "3"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert figure.stat().st_size > 0
+    from PIL import Image
+    with Image.open(figure) as img:  # 2 shown + 2 enlarged columns: (1.3 x 4 + 2.4) inches at 110 dpi
+        assert img.size[0] == round(110 * (1.3 * 4 + 2.4))
     lines = [line for line in result.stdout.splitlines() if "PSNR" in line]
     assert len(lines) == 2
     for line, script in zip(lines, ["01_vanilla_vae", "03_lpips_frozen"]):
@@ -62,6 +64,9 @@ def test_ladder_refuses_runs_on_different_data(photo_runs, tmp_path):
     result = subprocess.run([sys.executable, "-m", "tools.ladder", photo_runs["01_vanilla_vae"], other],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.startswith("error:") and "different data" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "tools.ladder", photo_runs["01_vanilla_vae"], "--show", "0", "40"],
+                            cwd=ROOT, capture_output=True, text=True)  # the folder has 8 test images
+    assert result.returncode == 2 and result.stderr.startswith("error:") and "numbered 0 to 7" in result.stderr
 
 
 def test_the_zoomed_patch_is_where_the_detail_is():

@@ -86,6 +86,8 @@ def main():
     p.add_argument("runs", nargs="+", help="run folders, in the order of the rows")
     p.add_argument("--out", default="ladder.png", help="the figure (default: ladder.png)")
     p.add_argument("--images", type=int, default=6, help="test images shown, evenly spaced (default: 6)")
+    p.add_argument("--show", type=int, nargs="+", default=None,
+                   help="the test images to show instead, by position in the sorted test set (from 0)")
     p.add_argument("--labels", nargs="+", default=None, help="one row label per run (default: the script's)")
     p.add_argument("--lpips-random-backbone", action="store_true",
                    help="LPIPS-alex with a random backbone (seed 0, as 03 builds it); for tests only (default: off)")
@@ -98,7 +100,9 @@ def main():
         common.fail(f"the runs were trained on different data: {sorted(data)}; a ladder compares one data set")
     _, test, _ = common.load_data(loaded[0][1])
     originals = test.float() / 255
-    picks = torch.linspace(0, len(test) - 1, min(args.images, len(test))).round().long().tolist()
+    picks = args.show or torch.linspace(0, len(test) - 1, min(args.images, len(test))).round().long().tolist()
+    if not all(0 <= i < len(test) for i in picks):
+        common.fail(f"--show: the test set has {len(test)} images, numbered 0 to {len(test) - 1}")
     torch.manual_seed(0)  # the random backbone that a seed-0 run builds
     cpu = torch.device("cpu")
     alex, _ = common.load_lpips("alex", args.lpips_random_backbone, cpu, required=False)

@@ -4,11 +4,11 @@ ships (not a requirement of the scripts; `pip install scikit-image` for this too
     python -m tools.photo_tiles data/photo_tiles
     python 03_lpips_frozen.py --dataset folder --data-dir data/photo_tiles
 
-Each photo gives --crops crops at random places, with sides between a quarter and a half of the
-photo's shorter side, saved as 128-px PNGs; the scripts resize them to --image-size (default 64).
-Whole photos are held out: the crops of astronaut, brick and chelsea (a face and hair, a brick
-wall, cat fur) go to test/, those of the other 15 to train/, so the test measures how well a model
-codes photos it has never seen. Grey photos stay grey (the folder loader converts them to RGB).
+Each of 18 photos is split in two: its right-hand strip, a third of its shorter side wide, gives
+the test crops, the rest the training crops, so no test pixel is ever trained on while train and
+test hold the same kinds of picture. Crops sit at random places in their part, with sides between
+a quarter and a third of the photo's shorter side, and are saved as 128-px PNGs; the scripts
+resize them to --image-size (default 64). Grey photos stay grey (the folder loader makes them RGB).
 """
 import argparse
 from pathlib import Path
@@ -18,41 +18,46 @@ import torch
 from tools import ROOT  # noqa: F401,E402  also puts the repository root on sys.path
 import common  # noqa: E402
 
-# Photographs only: scikit-image also ships drawings and test patterns (logo, checkerboard, phantom).
-# (cat is chelsea under another name, so it is left out.)
-TEST_PHOTOS = ["astronaut", "brick", "chelsea"]
-TRAIN_PHOTOS = ["camera", "cell", "clock", "coffee", "coins", "grass", "gravel", "horse", "hubble_deep_field",
-                "immunohistochemistry", "moon", "page", "retina", "rocket", "text"]
+# Photographs only: scikit-image also ships drawings and test patterns (logo, horse, checkerboard, phantom).
+# (cat is chelsea under another name, so it is left out; motorcycle is the left view of stereo_motorcycle.)
+PHOTOS = ["astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
+          "hubble_deep_field", "immunohistochemistry", "moon", "motorcycle", "page", "retina", "rocket", "text"]
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="folder to write the crops to")
-    p.add_argument("--crops", type=int, default=150, help="crops per photo (default: 150)")
+    p.add_argument("--crops", type=int, default=150, help="crops per photo, one in six for test/ (default: 150)")
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     args = p.parse_args()
+    if args.crops < 6:
+        common.fail("--crops must be at least 6 (one in six is a test crop)")
     try:
         import skimage.data
         from PIL import Image
     except ImportError:
         common.fail("this tool needs scikit-image, which the scripts do not: pip install scikit-image")
     g = torch.Generator().manual_seed(args.seed)
-    for name in TEST_PHOTOS + TRAIN_PHOTOS:
-        out = Path(args.out) / ("test" if name in TEST_PHOTOS else "train")
-        out.mkdir(parents=True, exist_ok=True)
+    n_test = args.crops // 6
+    for name in PHOTOS:
         try:
-            photo = getattr(skimage.data, name)()  # (H, W) or (H, W, 3) uint8
+            photo = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
         except Exception as e:  # a scikit-image version that lacks it, or fetches it from the network
             common.fail(f"scikit-image could not give its photo {name!r} ({type(e).__name__}: {e})")
-        h, w = photo.shape[:2]
+        h, w = photo.shape[:2]  # (H, W) or (H, W, 3) uint8
         short = min(h, w)
-        for i in range(args.crops):
-            side = int(torch.randint(short // 4, short // 2 + 1, (1,), generator=g))
-            top, left = (int(torch.randint(0, n - side + 1, (1,), generator=g)) for n in (h, w))
-            crop = Image.fromarray(photo[top:top + side, left:left + side]).resize((128, 128), Image.LANCZOS)
-            crop.save(out / f"{name}_{i:03d}.png")
-    print(f"{args.out}: train/ {len(TRAIN_PHOTOS) * args.crops} crops of {len(TRAIN_PHOTOS)} photos, "
-          f"test/ {len(TEST_PHOTOS) * args.crops} crops of {len(TEST_PHOTOS)} photos")
+        strip = short // 3
+        for split, n, x0, x1 in [("train", args.crops - n_test, 0, w - strip), ("test", n_test, w - strip, w)]:
+            out = Path(args.out) / split
+            out.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                side = int(torch.randint(short // 4, strip + 1, (1,), generator=g))
+                top = int(torch.randint(0, h - side + 1, (1,), generator=g))
+                left = int(torch.randint(x0, x1 - side + 1, (1,), generator=g))
+                crop = Image.fromarray(photo[top:top + side, left:left + side]).resize((128, 128), Image.LANCZOS)
+                crop.save(out / f"{name}_{i:03d}.png")
+    print(f"{args.out}: train/ {len(PHOTOS) * (args.crops - n_test)} and test/ {len(PHOTOS) * n_test} crops "
+          f"of {len(PHOTOS)} photos")
 
 
 if __name__ == "__main__":
