@@ -75,3 +75,17 @@ def test_the_zoomed_patch_is_where_the_detail_is():
     image[:, 40:52, 8:20] = torch.rand(3, 12, 12, generator=torch.Generator().manual_seed(0))  # texture in one place
     top, left = busiest_patch(image, 16)
     assert top <= 40 and 52 <= top + 16 and left <= 8 and 20 <= left + 16
+
+
+@pytest.mark.parametrize("h, w", [(512, 512), (172, 448), (1411, 1411), (660, 550)])
+def test_photo_tiles_never_trains_on_a_test_pixel(h, w):
+    from tools.photo_tiles import crop_boxes
+    boxes = crop_boxes(h, w, 125, 25, torch.Generator().manual_seed(0))
+    seen = {split: torch.zeros(h, w, dtype=torch.bool) for split in ("train", "test")}  # pixels each split covers
+    for split, top, left, side in boxes:
+        assert top >= 0 and left >= 0 and top + side <= h and left + side <= w  # inside the photo
+        assert min(h, w) // 4 <= side <= min(h, w) // 3
+        seen[split][top:top + side, left:left + side] = True
+    assert [split for split, *_ in boxes].count("test") == 25 and len(boxes) == 150
+    assert not (seen["train"] & seen["test"]).any()
+    assert seen["test"][:, : w - min(h, w) // 3].sum() == 0  # test crops come from the right-hand strip only
