@@ -635,6 +635,11 @@ class Run:
         epochs = args.epochs or math.ceil(args.steps / self.steps_per_epoch)  # default: the chapter's length
         self.total_steps = min(epochs * self.steps_per_epoch, args.max_steps or math.inf)
         self.resumed = load_checkpoint(args.resume) if args.resume else None
+        try:  # the saved states, before anything is written: a flag that changed the model's shape stops here
+            for key, obj in state.items() if self.resumed else ():
+                obj.copy_(self.resumed[key]) if torch.is_tensor(obj) else obj.load_state_dict(self.resumed[key])
+        except (KeyError, RuntimeError, ValueError) as e:
+            fail(f"{args.resume} does not fit this model ({str(e)[:250]}); resume with the flags it was trained with")
         self.out = Path(args.out or f"runs/{script}/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
         try:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -650,8 +655,6 @@ class Run:
                                             package: importlib.metadata.version(package)
                                             for package in ("torch", "torchvision", "lpips", "matplotlib")}}})
         if self.resumed:
-            for key, obj in state.items():
-                obj.copy_(self.resumed[key]) if torch.is_tensor(obj) else obj.load_state_dict(self.resumed[key])
             self.start_step, self.count = self.resumed["step"], self.resumed["count"]
             self.sums, self.peaks = [None if self.resumed.get(k) is None else self.resumed[k].to(device)
                                      for k in ("sums", "peaks")]
@@ -815,8 +818,7 @@ def save_curves(path, rows, panels, marks=None):
             ax.plot(steps, [r[c] for r in rows], label=c)
         for label, step in (marks or {}).items():
             ax.axvline(step, color="gray", linestyle="--", label=label)
-        ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set(title=title, xlabel="step")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -841,8 +843,7 @@ def save_kl_heatmap(path, rows, latent_dim, switch_on=()):
                    label="switched on (KL > 0.5 nats)")
         ax.legend(loc="lower right", fontsize=8, framealpha=0.6)
     ax.set_yticks(range(latent_dim), [f"z{i}" for i in order])
-    ax.set_xlabel("step")
-    ax.set_title("KL per latent dim (nats)")
+    ax.set(xlabel="step", title="KL per latent dim (nats)")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

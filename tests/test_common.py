@@ -374,6 +374,31 @@ def test_checkpoint_is_atomic_and_bad_files_exit_2(tmp_path, capsys):
         assert_clean_error(capsys.readouterr().err, "cannot read checkpoint", bad.name)
 
 
+def test_resume_into_a_model_of_another_shape_exits_2_and_keeps_the_run(tmp_path, capsys):
+    # --resume with a flag that changes the model (say --width) must stop before config.json is rewritten
+    args = argparse.Namespace(batch_size=2, seed=0, epochs=1, steps=1, max_steps=0, log_every=2, resume=None,
+                              out=str(tmp_path), dataset="shapes")
+    images = torch.zeros(8, 1, 2, 2, dtype=torch.uint8)
+    model = torch.nn.Linear(2, 3)
+    run = common.Run(args, "01_vanilla_vae", torch.device("cpu"), images, model=model)
+    for step in run.steps():
+        run.log(step, loss=torch.tensor(1.0))
+    config = (tmp_path / "config.json").read_text()
+    args.resume = str(tmp_path / "checkpoint.pt")
+    resumed = torch.nn.Linear(2, 3)  # the same shape resumes with the saved weights
+    common.Run(args, "01_vanilla_vae", torch.device("cpu"), images, model=resumed)
+    assert torch.equal(resumed.weight, model.weight)
+    (tmp_path / "config.json").write_text(config)
+    capsys.readouterr()  # the progress bars so far
+    with pytest.raises(SystemExit) as e:
+        common.Run(argparse.Namespace(**dict(vars(args), width=99)), "01_vanilla_vae", torch.device("cpu"), images,
+                   model=torch.nn.Linear(2, 4))
+    assert e.value.code == 2
+    assert_clean_error(capsys.readouterr().err, "does not fit this model", "size mismatch", "checkpoint.pt")
+    assert (tmp_path / "config.json").read_text() == config  # the run's record is untouched
+    assert common.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 4
+
+
 # ----------------------------------------------------------------------------- data loaders
 def write_png(path, color, size=(40, 30)):
     from PIL import Image

@@ -69,6 +69,16 @@ def test_ladder_refuses_runs_on_different_data(photo_runs, tmp_path):
     assert result.returncode == 2 and result.stderr.startswith("error:") and "numbered 0 to 7" in result.stderr
 
 
+def test_ladder_refuses_weights_its_arguments_do_not_describe(photo_runs, tmp_path):
+    state = torch.load(photo_runs["01_vanilla_vae"] / "checkpoint.pt", weights_only=True)
+    state["args"]["width"] *= 2  # as if written by another version of the scripts
+    (tmp_path / "changed").mkdir()
+    torch.save(state, tmp_path / "changed" / "checkpoint.pt")
+    result = subprocess.run([sys.executable, "-m", "tools.ladder", tmp_path / "changed"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error:") and "does not fit" in result.stderr
+    assert "Traceback" not in result.stderr
+
 def test_the_zoomed_patch_is_where_the_detail_is():
     from tools.ladder import busiest_patch
     image = torch.zeros(3, 64, 64)

@@ -30,5 +30,8 @@ def load_run(folder, dataset=None):
     model = common.VAE(weights["decoder.conv_out.bias"].numel(), args.image_size, args.latent_dim, args.width,
                        args.recon, centre_mu="encoder.to_mu.0.running_mean" in weights,
                        spatial=args.latent == "spatial")
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # written by another version of the scripts
+        common.fail(f"{folder}/checkpoint.pt does not fit the model its arguments describe ({str(e)[:250]})")
     return state["script"], args, model.eval()
