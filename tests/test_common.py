@@ -391,8 +391,7 @@ def test_resume_into_a_model_of_another_shape_exits_2_and_keeps_the_run(tmp_path
     (tmp_path / "config.json").write_text(config)
     capsys.readouterr()  # the progress bars so far
     with pytest.raises(SystemExit) as e:
-        common.Run(argparse.Namespace(**dict(vars(args), width=99)), "01_vanilla_vae", torch.device("cpu"), images,
-                   model=torch.nn.Linear(2, 4))
+        common.Run(args, "01_vanilla_vae", torch.device("cpu"), images, model=torch.nn.Linear(2, 4))  # another shape
     assert e.value.code == 2
     assert_clean_error(capsys.readouterr().err, "does not fit this model", "size mismatch", "checkpoint.pt")
     assert (tmp_path / "config.json").read_text() == config  # the run's record is untouched

@@ -79,6 +79,7 @@ def test_ladder_refuses_weights_its_arguments_do_not_describe(photo_runs, tmp_pa
     assert result.returncode == 2 and result.stderr.startswith("error:") and "does not fit" in result.stderr
     assert "Traceback" not in result.stderr
 
+
 def test_the_zoomed_patch_is_where_the_detail_is():
     from tools.ladder import busiest_patch
     image = torch.zeros(3, 64, 64)
