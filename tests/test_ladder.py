@@ -56,6 +56,26 @@ def test_ladder_scores_match_each_runs_summary(photo_runs, tmp_path):
             assert lpips_value == pytest.approx(summary["test_lpips"], abs=2e-4)
 
 
+def test_ladder_shows_the_test_images_asked_for(photo_runs, tmp_path, monkeypatch):
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+    from tools import ladder
+    drawn = {}
+    monkeypatch.setattr(ladder, "draw", lambda path, rows, labels, picks, zoom, side: drawn.update(
+        rows=rows, picks=picks, zoom=zoom))  # what the figure would be drawn from
+    monkeypatch.setattr(sys, "argv", ["ladder", str(photo_runs["01_vanilla_vae"]), "--show", "5", "2",
+                                      "--lpips-random-backbone", "--out", str(tmp_path / "unused.png")])
+    ladder.main()
+    folder = json.loads((photo_runs["01_vanilla_vae"] / "config.json").read_text())["args"]["data_dir"]
+    files = sorted((ROOT / folder / "test").glob("*.png"))  # read here, not through common.load_data
+    by_hand = torch.stack([pil_to_tensor(Image.open(f).convert("RGB").resize((32, 32))) / 255 for f in files])
+    for column, asked in enumerate([5, 2]):
+        shown = drawn["rows"][0][drawn["picks"][column]]  # the original drawn in that column
+        nearest = (by_hand - shown).pow(2).flatten(1).sum(1).argmin().item()
+        assert nearest == asked  # is the file asked for, in the order asked
+    assert set(drawn["zoom"]) <= {5, 2}  # the 4x patches come from the images shown
+
+
 def test_ladder_refuses_runs_on_different_data(photo_runs, tmp_path):
     config = json.loads((photo_runs["01_vanilla_vae"] / "config.json").read_text())["args"]
     other = tmp_path / "smaller"  # the same photos at 16 px: other data
