@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, photo_folder, run_cli
+from conftest import ROOT, assert_clean_error, photo_folder, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +120,12 @@ def test_photo_tiles_never_trains_on_a_test_pixel(h, w):
     assert [split for split, *_ in boxes].count("test") == 25 and len(boxes) == 150
     assert not (seen["train"] & seen["test"]).any()
     assert seen["test"][:, : w - min(h, w) // 3].sum() == 0  # test crops come from the right-hand strip only
+
+
+def test_photo_tiles_will_not_mix_a_new_split_with_old_crops(tmp_path):
+    old = photo_folder(tmp_path / "tiles", 2, 1, size=8)  # a folder that already holds train/ and test/ crops
+    before = sorted(p.name for p in old.rglob("*.png"))
+    result = subprocess.run([sys.executable, "-m", "tools.photo_tiles", old], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert_clean_error(result.stderr, "already holds crops", str(old))
+    assert sorted(p.name for p in old.rglob("*.png")) == before  # nothing added or removed
