@@ -635,11 +635,12 @@ class Run:
         epochs = args.epochs or math.ceil(args.steps / self.steps_per_epoch)  # default: the chapter's length
         self.total_steps = min(epochs * self.steps_per_epoch, args.max_steps or math.inf)
         self.resumed = load_checkpoint(args.resume) if args.resume else None
-        try:  # the saved states, before anything is written: a flag that changed the model's shape stops here
-            for key, obj in state.items() if self.resumed else ():
-                obj.copy_(self.resumed[key]) if torch.is_tensor(obj) else obj.load_state_dict(self.resumed[key])
-        except (KeyError, RuntimeError, ValueError) as e:
-            fail(f"{args.resume} does not fit this model ({str(e)[:250]}); resume with the flags it was trained with")
+        if self.resumed:  # load before anything is written: a flag that changed the model's shape stops here
+            try:
+                for key, obj in state.items():
+                    obj.copy_(self.resumed[key]) if torch.is_tensor(obj) else obj.load_state_dict(self.resumed[key])
+            except (KeyError, RuntimeError, ValueError) as e:
+                fail(f"{args.resume} does not fit this model ({str(e)[:250]}); resume with the flags it trained with")
         self.out = Path(args.out or f"runs/{script}/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
         try:
             self.out.mkdir(parents=True, exist_ok=True)
