@@ -43,10 +43,12 @@ def no_network(*args, **kwargs):
     raise urllib.error.URLError("no network")
 
 
-def run_cli(script, *args, timeout=600):
-    """Run `python <script>.py args` from the repository root; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, f"{script}.py", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+def run_cli(script, *args, timeout=600, env=None):
+    """Run `python <script>.py args`, or `python -m tools.x args` for a tool, from the repository root; returns the
+    CompletedProcess."""
+    command = ["-m", script] if script.startswith("tools.") else [f"{script}.py"]
+    return subprocess.run([sys.executable, *command, *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def read_rows(path):

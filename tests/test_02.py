@@ -4,14 +4,12 @@ the tools that explain its switch-on steps (pixel_spectrum, position_code)."""
 import json
 import math
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import common
-from conftest import QUICK, ROOT, assert_clean_error, checkpoint_codes, load_script, read_rows, run_cli
+from conftest import QUICK, assert_clean_error, checkpoint_codes, load_script, read_rows, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +170,7 @@ def test_position_code_tells_a_loop_from_a_line():
 
 def test_position_code_reads_a_run_folder(run02):
     from tools.position_code import curve_shape
-    result = subprocess.run([sys.executable, "-m", "tools.position_code", str(run02)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = run_cli("tools.position_code", run02, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     pattern = r"(\d+)% of its variance in one direction, (\d+)% in two; in that plane it turns (\d+) degrees"
     printed = [list(map(float, m.groups())) for m in re.finditer(pattern, result.stdout)]
@@ -188,8 +185,7 @@ def test_position_code_reads_a_run_folder(run02):
 def test_position_code_refuses_a_run_without_true_factors(tmp_path):
     common.save_checkpoint(tmp_path / "checkpoint.pt", script="02_burgess_capacity", model={},
                            args={"dataset": "fashion-mnist", "image_size": 32, "latent_dim": 10, "width": 32})
-    result = subprocess.run([sys.executable, "-m", "tools.position_code", str(tmp_path)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = run_cli("tools.position_code", tmp_path, timeout=120)
     assert result.returncode == 2
     assert_clean_error(result.stderr, "fashion-mnist run", "only for shapes")
     assert not (tmp_path / "position_code.png").exists()

