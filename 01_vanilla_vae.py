@@ -70,7 +70,8 @@ def main(argv=None):
     device = common.choose_device(args)  # also seeds torch
     train, test, test_factors = common.load_data(args)
     model = common.VAE(train.shape[1], args.image_size, args.latent_dim, args.width, args.recon,
-                       channel_mean=common.channel_mean(train), spatial=args.latent == "spatial").to(device)
+                       channel_mean=common.channel_mean(train), spatial=args.latent == "spatial",
+                       downsample=args.downsample).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     run = common.Run(args, SCRIPT, device, train, model=model, optimizer=optimizer)  # folder, log, resume
     if run.resumed and args.kl_cycles and run.resumed["total_steps"] != run.total_steps:

@@ -60,7 +60,7 @@ def main(argv=None):
     train, test, test_factors = common.load_data(args)
     model = common.VAE(train.shape[1], args.image_size, args.latent_dim, args.width, args.recon,
                        channel_mean=common.channel_mean(train), spatial=args.latent == "spatial",
-                       centre_mu=not args.no_centring).to(device)
+                       centre_mu=not args.no_centring, downsample=args.downsample).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     run = common.Run(args, SCRIPT, device, train, model=model, optimizer=optimizer)  # folder, log, resume
     encoder, decoder = (torch.compile(m) if args.compile else m for m in (model.encoder, model.decoder))

@@ -70,7 +70,7 @@ def main(argv=None):
     perceptual.eval().requires_grad_(False)
     model = common.VAE(train.shape[1], args.image_size, args.latent_dim, args.width, args.recon,
                        channel_mean=common.channel_mean(train), spatial=args.latent == "spatial",
-                       centre_mu=not args.no_centring).to(device)
+                       centre_mu=not args.no_centring, downsample=args.downsample).to(device)
     perceptual.lins.requires_grad_(args.unfreeze_lpips)  # --unfreeze-lpips: the incident, on purpose
     if not args.unfreeze_lpips and any(p.requires_grad for p in perceptual.parameters()):  # checked, not assumed
         raise RuntimeError("an LPIPS parameter still requires grad")
@@ -114,7 +114,7 @@ def main(argv=None):
                                   device, args, train=train,
                                   extra=lambda x, mean: {"test_lpips": common.lpips_distance(perceptual, mean, x)})
     if lpips_vgg is not None:  # on 1,000 test images: a VGG step costs ~45x AlexNet's (docs/speed.md)
-        metrics["test_lpips_vgg"] = common.mean_lpips(lpips_vgg, model, test[:1000], device, args)
+        metrics.update(common.vgg_scores(lpips_vgg, common.reconstructions(model, test[:1000], device, args)))
     ramp = torch.tensor([[r["kl"], r["capacity"]] for r in run.rows if r["step"] <= args.capacity_steps])
     follows = {"kl_capacity_correlation": torch.corrcoef(ramp.T)[0, 1].item(),  # does the KL follow C, in shape
                "kl_capacity_gap": (ramp[:, 0] - ramp[:, 1]).abs().mean().item()} if len(ramp) > 2 else {}  # in nats

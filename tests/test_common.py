@@ -272,24 +272,50 @@ def test_evaluate_against_direct_computation():
     torch.testing.assert_close(mu, mu_ref)
 
 
-def test_mean_lpips_equals_evaluates_test_lpips_and_a_direct_computation():
-    # 03 and 04 score LPIPS-VGG with mean_lpips and LPIPS-alex inside evaluate: both must measure the same thing
-    perceptual, _ = common.load_lpips("alex", True, torch.device("cpu"))  # random backbone: any fixed network will do
+def test_vgg_scores_equal_evaluates_test_lpips_and_a_direct_computation():
+    # 03 and 04 score LPIPS-VGG and FD-VGG with vgg_scores, LPIPS-alex inside evaluate: all must see the same images
+    perceptual, _ = common.load_lpips("vgg", True, torch.device("cpu"))  # random backbone: any fixed network will do
     torch.manual_seed(0)
     model = common.VAE(3, 32, 4, 8, centre_mu=True)  # BatchNorm: scoring in training mode would change mu
     test = (torch.rand(40, 3, 32, 32) * 255).to(torch.uint8)
     model.encoder(test.float() / 127.5 - 1)  # one training-mode pass: running statistics not the defaults
-    found = common.mean_lpips(perceptual, model, test, torch.device("cpu"), EvalArgs)
+    found = common.vgg_scores(perceptual, common.reconstructions(model, test, torch.device("cpu"), EvalArgs, chunk=16))
     assert model.training  # back in training mode for the loop that called it
     metrics, _ = common.evaluate(model, test, lambda raw, x: raw.new_zeros(len(x)), torch.device("cpu"), EvalArgs,
                                  extra=lambda x, mean: {"test_lpips": common.lpips_distance(perceptual, mean, x)})
     model.eval()
     with torch.no_grad():  # by hand: decode z = mu, then LPIPS on [-1, 1] images, one image at a time
         x = test.float() / 127.5 - 1
-        direct = torch.stack([perceptual(torch.tanh(model.decoder(model.encoder(x[i:i + 1])[0])), x[i:i + 1])
-                              for i in range(len(x))]).mean().item()
-    assert found == pytest.approx(direct, rel=1e-5)
+        recon = torch.tanh(model.decoder(model.encoder(x)[0]))
+        direct = torch.stack([perceptual(recon[i:i + 1], x[i:i + 1]) for i in range(len(x))]).mean().item()
+        # FD by hand: relu4_3 of each set, every position a sample, numpy's covariance, scipy-free matrix root
+        feats = [perceptual.net(perceptual.scaling_layer(t)).relu4_3.permute(0, 2, 3, 1).reshape(-1, 512).double()
+                 for t in (x, recon)]
+    (m1, m2), (c1, c2) = [f.mean(0) for f in feats], [torch.from_numpy(np.cov(f.numpy().T)) for f in feats]
+    w, v = torch.linalg.eigh(c1)
+    root = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
+    fd = (m1 - m2).pow(2).sum() + c1.trace() + c2.trace() - 2 * torch.linalg.eigvals(root @ c2 @ root).real.clamp(
+        min=0).sqrt().sum()
+    assert found["test_lpips_vgg"] == pytest.approx(direct, rel=1e-5)
     assert metrics["test_lpips"] == pytest.approx(direct, rel=1e-5)
+    assert found["test_fd_vgg"] == pytest.approx(fd.item(), rel=1e-4) and found["test_fd_vgg"] > 0
+
+
+def test_frechet_distance_of_known_gaussians():
+    # Diagonal covariances commute: FD = |m1 - m2|^2 + sum (s1 - s2)^2, s the standard deviations
+    m1, m2 = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
+    s1, s2 = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), torch.tensor([2.0, 2.0, 0.5], dtype=torch.float64)
+    expected = (m1 - m2).pow(2).sum() + (s1 - s2).pow(2).sum()  # 5 + 1 + 0 + 6.25
+    assert common.frechet_distance(m1, s1.pow(2).diag(), m2, s2.pow(2).diag()) == pytest.approx(expected.item())
+    # A rotated pair that does not commute: tr(S1 S2)^(1/2) from the 2 x 2 closed form,
+    # tr sqrt(M) = sqrt(tr M + 2 sqrt(det M)) for M = S1 S2 with real positive eigenvalues
+    c1 = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    c2 = torch.tensor([[1.0, -0.3], [-0.3, 3.0]], dtype=torch.float64)
+    product = c1 @ c2
+    cross = math.sqrt(product.trace().item() + 2 * math.sqrt(torch.linalg.det(product).item()))
+    zero = torch.zeros(2, dtype=torch.float64)
+    assert common.frechet_distance(zero, c1, zero, c2) == pytest.approx(3.0 + 4.0 - 2 * cross, rel=1e-9)
+    assert common.frechet_distance(m1, s1.pow(2).diag(), m1, s1.pow(2).diag()) == pytest.approx(0.0, abs=1e-9)
 
 
 # ----------------------------------------------------------------------------- batches, logs, checkpoints
@@ -423,6 +449,23 @@ def test_folder_with_train_and_test_subfolders_uses_that_split(tmp_path):
     train, test = common.load_folder(tmp_path, 32)
     assert train.shape[0] == 5 and test.shape[0] == 2
     assert (train[:, 0] == 50).all() and (test[:, 0] == 200).all()
+
+
+def test_folder_is_decoded_once_into_a_mapped_cache_that_a_change_renews(tmp_path, capsys):
+    for i in range(12):
+        write_png(tmp_path / "photos" / f"{i:02d}.png", (20 * i, 0, 0))
+    train, test = common.load_folder(tmp_path / "photos", 32)
+    assert "decoded once" in capsys.readouterr().out
+    again, again_test = common.load_folder(tmp_path / "photos", 32)
+    assert capsys.readouterr().out == ""  # read from the cache: nothing decoded
+    assert torch.equal(again, train) and torch.equal(again_test, test)
+    mapped = open("/proc/self/maps").read()  # memory-mapped from the files (Linux), not copied into memory
+    assert str(next((tmp_path / "photos" / ".decoded").iterdir()) / "train.u8") in mapped
+    write_png(tmp_path / "photos" / "05.png", (255, 255, 0))  # one file rewritten
+    changed, _ = common.load_folder(tmp_path / "photos", 32)
+    assert "decoded once" in capsys.readouterr().out
+    assert sorted(changed[:, 1, 0, 0].tolist()) == [0] * 9 + [255]  # the new pixels, in the one changed image
+    assert len(list((tmp_path / "photos" / ".decoded").iterdir())) == 1  # the old decoding is gone
 
 
 @pytest.mark.parametrize("make", ["missing", "empty"])
