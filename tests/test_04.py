@@ -233,12 +233,30 @@ def test_disc_start_given_with_resume_overrides_the_saved_one(gan04, tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["disc_start_step"] == 30
 
 
-def test_fixed_weight_is_priced_like_the_pixel_terms(tmp_path):
-    # --no-adaptive-weight: lambda = disc_weight / (2 sigma^2), the factor that also divides the squared
-    # error, so one command means the same pull at sigma^2 = 1/2 (shapes) and sigma 0.1 (photos).
-    result = run_cli("04_vae_gan_warmup", *QUICK, "--lpips-random-backbone", "--max-steps", "20", "--disc-start", "0",
-                     "--no-adaptive-weight", "--disc-weight", "3", "--decoder-std", "0.5", "--log-every", "10",
+def test_adversarial_term_is_priced_like_the_pixel_terms(tmp_path):
+    # L_adv = -P mean D(x_hat) / (2 sigma^2), as LPIPS is priced; --no-adaptive-weight: lambda = --disc-weight.
+    # Each metrics row here is one step, so its loss must add up from the row's own terms.
+    result = run_cli("04_vae_gan_warmup", *QUICK, "--lpips-random-backbone", "--max-steps", "4", "--disc-start", "0",
+                     "--no-adaptive-weight", "--disc-weight", "3", "--decoder-std", "0.5", "--log-every", "1",
                      "--out", tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = read_rows(tmp_path / "metrics.csv")
-    assert [r["adv_weight"] for r in rows] == pytest.approx([3 / (2 * 0.5 ** 2)] * 2)
+    pixels, price = 32 * 32, 1 / (2 * 0.5 ** 2)  # one grey 32 px image; 1 / (2 sigma^2)
+    for r in read_rows(tmp_path / "metrics.csv"):
+        assert r["adv_weight"] == 3 and r["g_loss"] != 0  # D acts from step 0
+        expected = (r["recon"] + 100 * abs(r["kl"] - r["capacity"]) + pixels * r["lpips"] * price
+                    + 3 * pixels * r["g_loss"] * price)
+        assert r["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-2), r["step"]
+
+
+def test_no_spectral_norm_flag_gives_a_plain_discriminator(gan04):
+    args = gan04.parse_args(["--no-spectral-norm"])
+    disc = gan04.PatchDiscriminator(1, 8, spectral_norm=not args.no_spectral_norm)
+    assert not any(nn.utils.parametrize.is_parametrized(m, "weight") for m in disc.modules() if isinstance(m, nn.Conv2d))
+    assert not gan04.parse_args([]).no_spectral_norm and gan04.parse_args([]).disc_weight == 0.1
+
+
+def test_a_spike_is_seen_when_d_acts_from_step_0(gan04):
+    # D from step 0: the rows before the spike are D's too; the first row has no baseline and no warning
+    rows = _rows([500.0, 480.0, 470.0], norm=[300.0, 320.0, 310.0], peak=[400.0, 450.0, 9000.0])
+    assert gan04.collapse_symptoms(rows[:1], disc_start_step=0) == {}
+    assert set(gan04.collapse_symptoms(rows, disc_start_step=0)) == {"gradient spike"}

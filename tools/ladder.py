@@ -6,9 +6,11 @@
 Every run must be on the same data (data set, --data-dir, --image-size). For each run it rebuilds the
 model from checkpoint.pt, reconstructs the test set from z = mu and scores all runs the same way, as
 the scripts do: PSNR, LPIPS-alex (what 03 and 04 train against), LPIPS-VGG (a network none of them
-trains against; on the first 1,000 test images) and spectrum error (common.spectrum_metrics: 0 = the
-data's power spectrum; blur and noise both raise it). LPIPS needs the ImageNet backbones (see 03:
-torchvision's files, or `python -m tools.lpips_weights`); a score whose file is missing is left out.
+trains against) and FD-VGG (how far the reconstructions' VGG features are, as a distribution, from the
+originals': common.vgg_scores), both on the first 1,000 test images, and spectrum error
+(common.spectrum_metrics: 0 = the data's power spectrum; blur and noise both raise it). LPIPS needs the
+ImageNet backbones (see 03: torchvision's files, or `python -m tools.lpips_weights`); a score whose file is
+missing is left out.
 Each row is labelled with the scores; the last two columns enlarge 4x the busiest patch of the two shown
 images with the most fine detail, so texture can be seen. The numbers are also printed, one line per run.
 """
@@ -42,8 +44,12 @@ def scores(recon, originals, metrics):
     _, error = common.spectrum_metrics(common.power_spectrum(recon), common.power_spectrum(originals))
     found = {"PSNR": 10 * math.log10(1 / mse), "spectrum": error}
     for name, (perceptual, n) in metrics.items():
-        found[name] = torch.cat([common.lpips_distance(perceptual, r * 2 - 1, o * 2 - 1) for r, o in
-                                 zip(recon[:n].split(200), originals[:n].split(200))]).mean().item()
+        if name == "LPIPS-VGG":  # and FD-VGG, from the same pass
+            vgg = common.vgg_scores(perceptual, zip((originals[:n] * 2 - 1).split(100), (recon[:n] * 2 - 1).split(100)))
+            found.update({"LPIPS-VGG": vgg["test_lpips_vgg"], "FD-VGG": vgg["test_fd_vgg"]})
+        else:
+            found[name] = torch.cat([common.lpips_distance(perceptual, r * 2 - 1, o * 2 - 1) for r, o in
+                                     zip(recon[:n].split(200), originals[:n].split(200))]).mean().item()
     return found
 
 
@@ -116,9 +122,10 @@ def main():
         kl = json.loads((Path(folder) / "summary.json").read_text()).get("test_kl", float("nan"))
         rows.append(recon)
         name = args.labels[i] if args.labels else LABELS.get(script, script)
-        labels.append("\n".join([name, f"PSNR {found['PSNR']:.1f} dB"] + [f"{k} {found[k]:.3f}" for k in metrics] +
+        shown = [k for k in ("LPIPS-alex", "LPIPS-VGG", "FD-VGG") if k in found]
+        labels.append("\n".join([name, f"PSNR {found['PSNR']:.1f} dB"] + [f"{k} {found[k]:.3f}" for k in shown] +
                                  [f"spectrum {found['spectrum']:.2f}"]))
-        print(f"{folder}: {script}  PSNR {found['PSNR']:.2f} dB  " + "".join(f"{k} {found[k]:.4f}  " for k in metrics) +
+        print(f"{folder}: {script}  PSNR {found['PSNR']:.2f} dB  " + "".join(f"{k} {found[k]:.4f}  " for k in shown) +
               f"spectrum error {found['spectrum']:.3f}  KL {kl:.0f} nats")
     size = test.shape[-1]
     detail = [(originals[i, :, 1:] - originals[i, :, :-1]).abs().mean().item() for i in picks]
