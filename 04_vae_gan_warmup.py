@@ -3,12 +3,13 @@
 A discriminator D judges 46-px patches real or fake; the decoder is rewarded for patches D takes for real: texture
 that looks real, not only close in LPIPS's features. D's opinion is priced per pixel value, like LPIPS in 03:
     loss = L_rec + gamma * |KL - C| + lambda * L_adv,  L_adv = -P mean D(x_hat) / (2 sigma^2),  L_rec: 03's terms
-Added naively (D from step 0, a fixed lambda), D wins at once and its gradient drowns the reconstruction's: the
-decoder's gradient spikes, recon rebounds, the run warns, and PSNR ends 5.7 dB below a guarded run. Two guards from
+Added naively (D from step 0, a fixed lambda), D takes over within 50 steps: the decoder's gradient spikes, recon
+rebounds, D soon pulls harder than L_rec, the run warns, and PSNR ends 5.7 dB below a guarded run. Two guards from
 VQGAN each prevent it: warm-up (D is off until --disc-start: half the run, once C is at C_max), and the adaptive
 weight lambda = ||grad_W L_rec|| / ||grad_W L_adv|| * --disc-weight, W the decoder's last layer, the ratio clamped
-at 1e4, so that at W D's gradient is 0.1 times the reconstruction's. Spectral norm on D alone does not.
-Latent diffusion writes L_adv = -mean D(x_hat) beside a pixel loss summed over the image: that ratio is ~500 on
+at 1e4, so that at W D's gradient is --disc-weight (0.1) times the reconstruction's (a fixed lambda that small
+prevents it too: the adaptive weight finds the size). Spectral norm on D alone does not prevent it.
+Latent diffusion writes L_adv = -mean D(x_hat) beside a pixel loss summed over the image: that ratio is 300-500 on
 shapes and ~60,000 on photos, so there its clamp binds and lambda stops adapting. Priced per pixel value it is
 ~0.1, and the clamp binds only where D's gradient vanishes. At latent diffusion's --disc-weight 0.5 an adapting
 lambda lets D cost the photos 4 dB, hence 0.1. D learns at a tenth of the VAE's rate (latent diffusion: one rate).

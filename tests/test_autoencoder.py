@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import common
-from conftest import assert_clean_error, assert_rejected, load_script, photo_folder, run_cli
+from conftest import ROOT, assert_clean_error, assert_rejected, load_script, photo_folder, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -57,19 +57,27 @@ def test_decode_of_encode_reproduces_the_runs_own_reconstructions(photo_run):
         assert (tile - (images[i] + 1) / 2).abs().max() <= 1 / 255 + 1e-4, i  # equal up to the PNG's 8 bits
 
 
-def test_autoencoder_loads_in_a_process_with_only_common_py(photo_run, tmp_path):
-    _, out = photo_run
-    shutil.copy(common.__file__, tmp_path / "common.py")
-    shutil.copy(out / "autoencoder.pt", tmp_path / "autoencoder.pt")
-    snippet = ("import torch, common\n"
-               "model = common.load_autoencoder('autoencoder.pt')\n"
-               "z = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(0))\n"
-               "print(tuple(model.decode(z).shape), model.latent_scale_factor)\n")
+def test_the_readmes_snippet_decodes_latents_in_a_folder_with_only_common_py(photo_run, tmp_path):
+    # The README's "Back to pictures" snippet, run as written, in a folder holding common.py and the run's files
+    data, out = photo_run
+    readme = (ROOT / "README.md").read_text()
+    snippet = readme.split("Back to pictures:", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(snippet.strip().splitlines()) == 5
+    shutil.copy(ROOT / "common.py", tmp_path / "common.py")
+    (tmp_path / "runs" / "mine").mkdir(parents=True)
+    shutil.copy(out / "autoencoder.pt", tmp_path / "runs" / "mine" / "autoencoder.pt")
+    result = run_cli("tools.encode", out, "--data-dir", data / "test", "--out", tmp_path / "latents.pt")
+    assert result.returncode == 0, result.stderr[-2000:]
     result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True,
                             env={"PATH": "", "PYTHONPATH": ""}, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".py") == ["common.py"]
-    assert result.stdout.startswith("(2, 3, 32, 32)")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".py") == ["common.py"]  # no chapter, no tools
+    decoded = np.array(Image.open(tmp_path / "decoded.png").convert("RGB"))
+    assert decoded.shape == (4 * 34 + 2, 4 * 34 + 2, 3)  # 16 images of 32 px, 4 a row, 2 px padding
+    model = common.load_autoencoder(out / "autoencoder.pt")  # the first image: the test photo's reconstruction
+    x = common.read_image(sorted((data / "test").glob("*.png"))[0], 32)
+    expected = (model.decode(model.encode(x[None].float() / 127.5 - 1)[0])[0] + 1) / 2 * 255
+    assert np.abs(decoded[2:34, 2:34].transpose(2, 0, 1) - expected.numpy()).max() <= 1.0
 
 
 def test_tools_encode_writes_scaled_codes_with_unit_std_on_the_training_images(photo_run, tmp_path):
