@@ -61,7 +61,7 @@ def parse_args(parser, argv=None):
         given = {a.dest for a in parser._actions for o in a.option_strings if any(t.split("=")[0] == o for t in argv)}
         args = argparse.Namespace(**dict(saved["args"], **{k: v for k, v in vars(args).items() if k in given}))
         args.out = args.out if "out" in given else str(Path(args.resume).parent)
-    if args.dataset == "shapes" and args.data_dir is not None:  # shapes reads no files: say so, do not ignore it
+    if args.dataset == "shapes" and args.data_dir is not None and not args.resume:  # shapes reads no files: say so
         fail("--data-dir is for data read from files; shapes is drawn by code. For a folder of images add "
              "--dataset folder")
     args.data_dir = args.data_dir or "data"
@@ -69,7 +69,7 @@ def parse_args(parser, argv=None):
     args.image_size = args.image_size or (64 if args.dataset in ("shapes", "celeba", "folder") else 32)
     args.latent = args.latent or ("spatial" if photos else "vector")
     args.latent_dim = args.latent_dim or (4 if args.latent == "spatial" else 64 if photos else 10)
-    if args.downsample and args.latent != "spatial":
+    if args.downsample and args.latent != "spatial" and not args.resume:
         fail("--downsample sizes a code map; this run has a code vector (add --latent spatial)")
     args.downsample = args.downsample or 4
     if args.decoder_std is None:  # a code map carries a photo only if detail is priced near the size of its errors (01)
