@@ -251,7 +251,8 @@ def test_adversarial_term_is_priced_like_the_pixel_terms(tmp_path):
 def test_no_spectral_norm_flag_gives_a_plain_discriminator(gan04):
     args = gan04.parse_args(["--no-spectral-norm"])
     disc = gan04.PatchDiscriminator(1, 8, spectral_norm=not args.no_spectral_norm)
-    assert not any(nn.utils.parametrize.is_parametrized(m, "weight") for m in disc.modules() if isinstance(m, nn.Conv2d))
+    convs = [m for m in disc.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and not any(nn.utils.parametrize.is_parametrized(m, "weight") for m in convs)
     assert not gan04.parse_args([]).no_spectral_norm and gan04.parse_args([]).disc_weight == 0.1
 
 
