@@ -16,7 +16,7 @@ lambda lets D cost the photos 4 dB, hence 0.1. D learns at a tenth of the VAE's 
 COLLAPSE WARNING lines: D outpulling the reconstruction over the whole decoder (metrics.csv: adv_rec_grad_ratio
 above 1), one step's decoder gradient 10x the usual, or recon 50% above its best since D started.
 
-Run:   python 04_vae_gan_warmup.py                   # shapes, both guards, ~9 min on a 2-core CPU
+Run:   python 04_vae_gan_warmup.py                   # shapes, both guards, 1,562 steps
        python 04_vae_gan_warmup.py --max-steps 300 --capacity-steps 150 --disc-weight 0.5 --disc-start 0 \
            --no-adaptive-weight --no-spectral-norm   # the failure, on purpose: 3 warnings, PSNR 13.7 dB (guarded: 19.4)
 See:   runs/04_vae_gan_warmup/<dataset>-<time>/: curves.png (dashed: D starts), recon.png, summary.json. README.

@@ -1,6 +1,7 @@
 """The flags a GPU user turns on first, checked on the CPU: --compile trains every chapter to eager's losses
 (04's double backward through the adaptive weight included), and --amp runs bf16 autocast on the CPU too."""
 import argparse
+import os
 
 import pytest
 import torch
@@ -25,11 +26,14 @@ def photos(tmp_path_factory):
 def test_compile_trains_to_eagers_losses(photos, tmp_path, script, extra):
     flags = ["--dataset", "folder", "--data-dir", photos, "--image-size", "16", "--batch-size", "8",
              "--max-steps", "3", "--log-every", "1", *extra]
-    rows = {}
+    rows, kernels = {}, tmp_path / "inductor"  # where the compiled run's generated kernels go
     for mode in ("eager", "compiled"):
-        result = run_cli(script, *flags, *(["--compile"] if mode == "compiled" else []), "--out", tmp_path / mode)
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(kernels / mode))
+        result = run_cli(script, *flags, *(["--compile"] if mode == "compiled" else []), "--out", tmp_path / mode,
+                         env=env)
         assert result.returncode == 0, result.stderr[-3000:]
         rows[mode] = read_rows(tmp_path / mode / "metrics.csv")
+    assert any((kernels / "compiled").rglob("*.py")) and not any((kernels / "eager").rglob("*.py"))  # inductor ran
     assert len(rows["compiled"]) == 3
     columns = ["loss", "recon", "kl"] + (["d_loss", "adv_weight"] if script.startswith("04") else [])
     for eager, compiled in zip(rows["eager"], rows["compiled"]):  # fused kernels round differently: 0.1% after 3 steps
