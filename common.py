@@ -540,7 +540,7 @@ def spectrum_metrics(power_recon, power_data):
     return hf_power_ratio, (rings[0] - rings[1]).abs().mean().item()
 
 @torch.no_grad()
-def recalibrate_batchnorm(model, images, batch_size=256, max_images=12_800, seed=0):
+def recalibrate_batchnorm(model, images, batch_size=None, max_images=12_800, seed=0):
     """BatchNorm's running statistics recomputed with the final weights on a seeded subset of the training images:
     BN makes the loss blind to shifts of its input, which drifts, so the running average lags and moves mu."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -549,7 +549,7 @@ def recalibrate_batchnorm(model, images, batch_size=256, max_images=12_800, seed
         m.momentum = None  # a plain average over the batches below
     device = next(model.parameters()).device
     subset = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:max_images]
-    for chunk in subset.split(batch_size) if norms else []:  # gathered a batch at a time
+    for chunk in subset.split(batch_size or min(256, eval_chunk(images))) if norms else []:  # a batch at a time
         model.encoder.train()(to_model_range(images[chunk].to(device), model.recon))
     for m in norms:
         m.momentum = 0.1
@@ -583,17 +583,19 @@ def evaluate(model, test, recon_loss, device, args, extra=None, train=None, max_
         powers = [powers[0] + power_spectrum(recon), powers[1] + power_spectrum(original)]
         mus.append(mu.cpu())
         logvars.append(logvar.cpu())
-    if train is not None:  # 1 / std of z = mu over (up to 10,000) training images: Stable Diffusion multiplies
-        with autocast(device, args):  # its latents by this number (0.18215) before the diffusion model sees them
-            codes = [model.encoder(to_model_range(c.to(device), model.recon))[0].float()
-                     for c in train[:max_images].split(eval_chunk(train))]
+    moments = [0, 0.0, 0.0]  # count, sum, sum of squares of the training codes: never every code at once
+    for c in train[:max_images].split(eval_chunk(train)) if train is not None else []:
+        with autocast(device, args):  # 1 / their std is latent_scale_factor: Stable Diffusion multiplies its
+            z = model.encoder(to_model_range(c.to(device), model.recon))[0].double()  # latents by it (0.18215)
+        moments = [moments[0] + z.numel(), moments[1] + z.sum().item(), moments[2] + z.pow(2).sum().item()]
     model.train()
     metrics = {k: v.item() if v.dim() == 0 else v.tolist() for k, v in ((k, v / len(test)) for k, v in sums.items())}
     mu = torch.cat(mus)
     metrics["test_psnr_db"] = 10 * math.log10(1.0 / max(metrics["test_mse"], 1e-12))
     metrics["active_units"] = int((mu.flatten(1).var(0) > 0.01).sum())  # Var_x(E_q[z_i|x]) > 0.01, Burda et al. 2016
     metrics.update({"test_" + k: v.item() for k, v in kl_split(mu.double(), torch.cat(logvars).double()).items()})
-    metrics["latent_scale_factor"] = 1 / torch.cat(codes).std().item() if train is not None else None
+    n, total, squares = moments
+    metrics["latent_scale_factor"] = 1 / math.sqrt((squares - total ** 2 / n) / (n - 1)) if n else None
     metrics["hf_power_ratio"], metrics["spectrum_error"] = spectrum_metrics(*powers)
     metrics["informative_dims"] = sum(kl > 0.1 for kl in metrics["kl_per_dim"])  # dims whose KL is above 0.1 nat
     pixels = original_pixels(test[:1], args.dataset).numel()  # MNIST at 32 px: its 784 original ones
@@ -819,7 +821,7 @@ def save_pictures(out, model, test, device, kl_per_dim=None):
     """recon.png, samples.png, interpolation.png, and traversals.png when kl_per_dim is given.
     Works for any number of test images: up to 32 in recon.png, up to 8 pairs interpolated."""
     model.eval()
-    decode = lambda z: model.to_unit(model.decoder(z))  # noqa: E731  mean image in [0, 1]
+    decode = lambda z: torch.cat([model.to_unit(model.decoder(c)) for c in z.split(eval_chunk(test))])  # noqa: E731
     cols = min(8, len(test))
     x = test[:cols * min(4, len(test) // cols)].to(device)  # whole rows of `cols` images
     mu, _ = model.encoder(to_model_range(x, model.recon))

@@ -263,7 +263,7 @@ def test_evaluate_against_direct_computation():
     parts = metrics["test_kl_offset"] + metrics["test_kl_scale"] + metrics["test_info_bound"]
     assert parts == pytest.approx(metrics["test_kl"], rel=1e-6)  # the split is exact
     assert metrics["latent_scale_factor"] is None  # no training images given
-    train = (torch.rand(100, 1, 32, 32) * 255).to(torch.uint8)
+    train = (torch.rand(1100, 1, 32, 32) * 255).to(torch.uint8)  # two chunks: 1,024 + 76 images
     metrics, _ = common.evaluate(model, test, sse, torch.device("cpu"), EvalArgs, train=train)
     model.eval()
     with torch.no_grad():  # Stable Diffusion's factor: 1 / std of every value of z = mu over the training images
