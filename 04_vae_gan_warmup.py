@@ -14,11 +14,12 @@ shapes and ~60,000 on photos, so there its clamp binds and lambda stops adapting
 ~0.1, and the clamp binds only where D's gradient vanishes. At latent diffusion's --disc-weight 0.5 an adapting
 lambda lets D cost the photos 4 dB, hence 0.1. D learns at a tenth of the VAE's rate (latent diffusion: one rate).
 COLLAPSE WARNING lines: D outpulling the reconstruction over the whole decoder (metrics.csv: adv_rec_grad_ratio
-above 1), one step's decoder gradient 10x the usual, or recon 50% above its best since D started.
+above 1), one step's decoder gradient 10x the usual (the rows logged before: the first row has none), or recon
+50% above its best since D started.
 
-Run:   python 04_vae_gan_warmup.py                   # shapes, both guards, 1,562 steps
-       python 04_vae_gan_warmup.py --max-steps 300 --capacity-steps 150 --disc-weight 0.5 --disc-start 0 \
-           --no-adaptive-weight --no-spectral-norm   # the failure, on purpose: 3 warnings, PSNR 13.7 dB (guarded: 19.4)
+Run:   python 04_vae_gan_warmup.py                   # shapes, all guards, 1,562 steps
+       python 04_vae_gan_warmup.py --max-steps 300 --capacity-steps 150 --log-every 25 --disc-weight 0.5 \
+           --disc-start 0 --no-adaptive-weight --no-spectral-norm  # the failure, on purpose: 3 warnings, 13.7 dB
 See:   runs/04_vae_gan_warmup/<dataset>-<time>/: curves.png (dashed: D starts), recon.png, summary.json. README.
 Papers: Esser et al. 2021 (VQGAN); Rombach et al. 2022; Isola et al. 2017 (PatchGAN); Miyato et al. 2018.
 """
