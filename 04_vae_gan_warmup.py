@@ -1,4 +1,4 @@
-"""04 - An adversarial loss (PatchGAN) on top of 03, and the two guards that keep it from wrecking the decoder.
+r"""04 - An adversarial loss (PatchGAN) on top of 03, and the two guards that keep it from wrecking the decoder.
 
 A discriminator D judges 46-px patches real or fake; the decoder is rewarded for patches D takes for real: texture
 that looks real, not only close in LPIPS's features. D's opinion is priced per pixel value, like LPIPS in 03:
