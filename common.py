@@ -59,7 +59,8 @@ def parse_args(parser, argv=None):
         if saved.get("script") + ".py" != parser.prog:
             fail(f"{args.resume} was written by {saved.get('script')}.py, not {parser.prog}")
         given = {a.dest for a in parser._actions for o in a.option_strings if any(t.split("=")[0] == o for t in argv)}
-        args = argparse.Namespace(**dict(saved["args"], **{k: v for k, v in vars(args).items() if k in given}))
+        args = argparse.Namespace(**{**vars(parser.parse_args([])), **saved["args"],  # defaults: flags added since
+                                     **{k: v for k, v in vars(args).items() if k in given}})
         args.out = args.out if "out" in given else str(Path(args.resume).parent)
     if args.dataset == "shapes" and args.data_dir is not None and not args.resume:  # shapes reads no files: say so
         fail("--data-dir is for data read from files; shapes is drawn by code. For a folder of images add "

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import common
-from conftest import ROOT, assert_clean_error, assert_rejected, load_script, photo_folder, run_cli
+from conftest import ROOT, assert_clean_error, assert_rejected, load_script, photo_folder, read_rows, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +24,27 @@ def photo_run(tmp_path_factory):
                      "--max-steps", "30", "--batch-size", "16", "--log-every", "10", "--out", out)
     assert result.returncode == 0, result.stderr[-2000:]
     return data, out
+
+
+def test_resume_from_the_memory_mapped_folder_matches_the_uninterrupted_run(photo_run, tmp_path):
+    # photo_run's 30 steps again in two legs (20 + 10, at row ends), the second read from the folder's cache
+    # (made by photo_run); the first leg's checkpoint is made to look older than --downsample: its flags lack it
+    data, reference = photo_run
+    out = tmp_path / "two_legs"
+    result = run_cli("01_vanilla_vae", "--dataset", "folder", "--data-dir", data, "--image-size", "32",
+                     "--max-steps", "20", "--batch-size", "16", "--log-every", "10", "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    del saved["args"]["downsample"]
+    torch.save(saved, out / "checkpoint.pt")
+    result = run_cli("01_vanilla_vae", "--resume", out / "checkpoint.pt", "--max-steps", "30")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "decoded once" not in result.stdout  # the second leg mapped the cache
+    resumed, expected = (json.loads((d / "summary.json").read_text()) for d in (out, reference))
+    for key in ["test_recon", "test_kl", "test_mse", "spectrum_error", "latent_scale_factor", "steps"]:
+        assert resumed[key] == pytest.approx(expected[key], rel=1e-6), key
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]  # noqa: E731
+    assert drop(read_rows(out / "metrics.csv")) == drop(read_rows(reference / "metrics.csv"))
 
 
 def test_autoencoder_pt_holds_the_model_alone(photo_run):
