@@ -49,7 +49,8 @@ def parse_args(argv=None):
     parser.add_argument("--disc-start", type=int, default=None,
                         help="step at which D starts (default: half the run, and not before C reaches C_max)")
     parser.add_argument("--disc-weight", type=float, default=0.1,
-                        help="D's gradient against the reconstruction's at the decoder's last layer (default: 0.1)")
+                        help="D's gradient against the reconstruction's at the decoder's last layer; with "
+                             "--no-adaptive-weight, lambda itself (default: 0.1)")
     parser.add_argument("--no-adaptive-weight", action="store_true",
                         help="lambda = --disc-weight, fixed, as a naive GAN has it (default: off)")
     parser.add_argument("--no-spectral-norm", action="store_true", help="D without spectral norm (default: off)")
@@ -113,8 +114,8 @@ def adv_rec_grad_ratio(rec_loss, adv_term, params):
 
 def collapse_symptoms(rows, disc_start_step, pull_limit=1.0, spike=10.0, rebound=1.5):
     """The collapse signature in the metrics rows -> {symptom: message}, empty when healthy: D pulling the decoder
-    harder than the reconstruction (guarded runs: < 0.5), one step's decoder gradient norm 10x the median of the
-    rows' mean norms before, recon 50% above its best since D started (from the row before its start)."""
+    harder than the reconstruction (the README's runs that do not fail: < 0.8), one step's decoder gradient norm 10x
+    the median of the rows' mean norms before, recon 50% above its best since D started (from the row before D)."""
     row, found = rows[-1], {}
     if row.get("adv_rec_grad_ratio", 0.0) > pull_limit:
         found["D outpulls the reconstruction"] = (f"D's pull on the decoder is {row['adv_rec_grad_ratio']:.2g}x "
@@ -191,7 +192,7 @@ def main(argv=None):
         reconstruction = torch.tanh(raw.float())  # the decoder's mean, in [-1, 1], for LPIPS and D
         perceptual_per_image = common.lpips_distance(perceptual, reconstruction, x)  # (B,), in float32
         # KL(N(mu, s^2) || N(0, 1)) = 1/2 (mu^2 + s^2 - 1 - log s^2), s^2 = exp(logvar), per dim, batch mean, (D,)
-        # (photos get a code map, a grid of codes, one per 4 x 4 patch: there a dim is a channel, summed)
+        # (photos get a code map, a grid of codes, one per f x f patch: there a dim is a channel, summed)
         kl_per_dim = common.kl_per_dim(mu, logvar)
         lpips_term = args.lpips_weight * x[0].numel() * perceptual_per_image.mean() / (2 * args.decoder_std ** 2)
         rec_loss = recon + lpips_term  # L_rec

@@ -27,12 +27,12 @@ def base_parser(script, doc, steps):
     add("--data-dir", default=None, help="where data sets live; for folder, the image folder (default: data)")
     add("--image-size", type=int, default=None, help="(default: 64 for shapes, celeba, folder; 32 otherwise)")
     add("--epochs", type=int, default=None,
-        help=f"passes over the training set (default: as many as make {steps:,} steps)")
+        help=f"passes over the training set (default: whole passes, at least {steps:,} steps)")
     add("--max-steps", type=int, default=0, help="cap on optimizer steps, 0 = no cap (default: 0)")
     add("--batch-size", type=int, default=64, help="(default: 64)")
     add("--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
     add("--latent", choices=["vector", "spatial"], default=None, help="one code vector per image, or a map of codes, "
-        "one per 4 x 4 pixel patch (default: spatial for cifar10, celeba, folder; vector otherwise)")
+        "one per f x f pixel patch, f = --downsample (default: spatial for cifar10, celeba, folder; vector otherwise)")
     add("--latent-dim", type=int, default=None, help="dims of the code vector, or channels of the code map "
         "(default: 4 for a code map; a vector: 10, 64 for photos)")
     add("--downsample", type=int, choices=[4, 8], default=None, help="a code map's pixels per code along each side; "
@@ -46,7 +46,7 @@ def base_parser(script, doc, steps):
     add("--resume", default=None, help="continue the run saved in this checkpoint.pt (default: none)")
     add("--log-every", type=int, default=50, help="steps between metric rows (default: 50)")
     add("--amp", action="store_true", help="bf16 autocast, on CUDA or a CPU with bf16 (default: off)")
-    add("--compile", action="store_true", help="torch.compile the encoder and decoder (default: off)")
+    add("--compile", action="store_true", help="torch.compile the encoder, decoder (and 04's D) (default: off)")
     p.set_defaults(steps=steps)
     return p
 
@@ -398,7 +398,7 @@ class VAE(nn.Module):
 
 def load_autoencoder(path):
     """A run's autoencoder.pt -> its VAE in eval mode, with encode, decode and latent_scale_factor (codes times it
-    have unit std on the training images, as a diffusion model wants them). Needs only this file and torch."""
+    have unit std on the training images, as a diffusion model wants them). Needs only this file of the project."""
     saved = load_checkpoint(path)
     if not isinstance(saved, dict) or "autoencoder" not in saved:
         fail(f"{path} is not an autoencoder.pt (a checkpoint.pt holds a whole training state); every run writes "
