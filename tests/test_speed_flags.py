@@ -9,11 +9,11 @@ import torch
 import common
 from conftest import photo_folder, read_rows, run_cli
 
-# 01 with a code map; 04 with a code vector (02's centring BatchNorm), LPIPS, and D and lambda from step 0. 02 and 03
-# run only what these two cover; their checks are marked slow, for `pytest -m slow` (a compile costs ~1 min here).
+# every chapter: 01 with a code map; 02 and 03 with a code vector (02's centring BatchNorm, 03's LPIPS); 04 with
+# both, and D and lambda from step 0 (the adaptive weight's extra backward passes)
 CHAPTERS = [("01_vanilla_vae", []),
-            pytest.param("02_burgess_capacity", ["--latent", "vector"], marks=pytest.mark.slow),
-            pytest.param("03_lpips_frozen", ["--latent", "vector", "--lpips-random-backbone"], marks=pytest.mark.slow),
+            ("02_burgess_capacity", ["--latent", "vector"]),
+            ("03_lpips_frozen", ["--latent", "vector", "--lpips-random-backbone"]),
             ("04_vae_gan_warmup", ["--latent", "vector", "--lpips-random-backbone", "--disc-start", "0"])]
 
 
