@@ -584,18 +584,17 @@ def evaluate(model, test, recon_loss, device, args, extra=None, train=None, max_
         powers = [powers[0] + power_spectrum(recon), powers[1] + power_spectrum(original)]
         mus.append(mu.cpu())
         logvars.append(logvar.cpu())
-    moments = [0, 0.0, 0.0]  # count, sum, sum of squares of the training codes: never every code at once
+    n, total, squares = 0, 0.0, 0.0  # count, sum, sum of squares of the training codes: never every code at once
     for c in train[:max_images].split(eval_chunk(train)) if train is not None else []:
         with autocast(device, args):  # 1 / their std is latent_scale_factor: Stable Diffusion multiplies its
             z = model.encoder(to_model_range(c.to(device), model.recon))[0].double()  # latents by it (0.18215)
-        moments = [moments[0] + z.numel(), moments[1] + z.sum().item(), moments[2] + z.pow(2).sum().item()]
+        n, total, squares = n + z.numel(), total + z.sum().item(), squares + z.pow(2).sum().item()
     model.train()
     metrics = {k: v.item() if v.dim() == 0 else v.tolist() for k, v in ((k, v / len(test)) for k, v in sums.items())}
     mu = torch.cat(mus)
     metrics["test_psnr_db"] = 10 * math.log10(1.0 / max(metrics["test_mse"], 1e-12))
     metrics["active_units"] = int((mu.flatten(1).var(0) > 0.01).sum())  # Var_x(E_q[z_i|x]) > 0.01, Burda et al. 2016
     metrics.update({"test_" + k: v.item() for k, v in kl_split(mu.double(), torch.cat(logvars).double()).items()})
-    n, total, squares = moments
     metrics["latent_scale_factor"] = 1 / math.sqrt((squares - total ** 2 / n) / (n - 1)) if n else None
     metrics["hf_power_ratio"], metrics["spectrum_error"] = spectrum_metrics(*powers)
     metrics["informative_dims"] = sum(kl > 0.1 for kl in metrics["kl_per_dim"])  # dims whose KL is above 0.1 nat

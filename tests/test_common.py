@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.distributions import Normal, kl_divergence as torch_kl
 
 import common
@@ -614,3 +615,17 @@ def test_pictures_for_any_number_of_test_images(tmp_path, n_test, spatial):
     common.save_pictures(tmp_path, model, test, torch.device("cpu"), kl_per_dim=[0.1, 2.0, 0.5, 1.0])
     for name in ["recon.png", "samples.png", "interpolation.png", "traversals.png"]:
         assert (tmp_path / name).stat().st_size > 0, name
+
+
+def test_pictures_decoded_in_chunks_equal_those_decoded_at_once(tmp_path, monkeypatch):
+    # at 256 px save_pictures decodes a few images at a time (eval_chunk); here chunks of 3 images against one pass
+    torch.manual_seed(0)
+    model = common.VAE(3, 32, 4, 8, "mse", spatial=True)
+    test = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    (tmp_path / "whole").mkdir(), (tmp_path / "chunks").mkdir()
+    common.save_pictures(tmp_path / "whole", model, test, torch.device("cpu"), kl_per_dim=[0.1, 2.0, 0.5, 1.0])
+    monkeypatch.setattr(common, "eval_chunk", lambda images: 3)
+    common.save_pictures(tmp_path / "chunks", model, test, torch.device("cpu"), kl_per_dim=[0.1, 2.0, 0.5, 1.0])
+    for name in ["samples.png", "interpolation.png", "traversals.png"]:
+        whole, chunks = (np.asarray(Image.open(tmp_path / d / name), dtype=int) for d in ("whole", "chunks"))
+        assert np.abs(whole - chunks).max() <= 1, name  # float rounding may move a pixel by one level
