@@ -15,7 +15,7 @@ PADDED = {"mnist": 2, "fashion-mnist": 2}  # border added around the 28 x 28 ori
 
 def fail(message, code=2):
     """Bad input: one `error:` line on stderr (from rank 0 under torchrun), no traceback, exit 2 (3: diverged)."""
-    if rank() == 0:
+    if os.environ.get("RANK", "0") == "0":  # torchrun sets RANK, also before the processes have met
         print("error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
     sys.exit(code)
 
