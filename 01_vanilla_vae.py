@@ -68,7 +68,7 @@ def kl_penalty(kl_per_dim, free_bits):
 def main(argv=None):
     args = parse_args(argv)
     device = common.choose_device(args)  # also seeds torch
-    train, test, test_factors = common.load_data(args)
+    train, test, _ = common.load_data(args)  # (and shapes' true factors, for tools)
     model = common.VAE(train.shape[1], args.image_size, args.latent_dim, args.width, args.recon,
                        channel_mean=common.channel_mean(train), spatial=args.latent == "spatial",
                        downsample=args.downsample, arch=args.arch).to(device)
@@ -100,9 +100,9 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------- evaluation and outputs
     # train: the training images, for latent_scale_factor (1 / std of the codes; Stable Diffusion's: 0.18215)
-    metrics, mu = common.evaluate(model, test, lambda raw, x: recon_loss(raw, x, args.recon, args.decoder_std),
+    metrics, _ = common.evaluate(model, test, lambda raw, x: recon_loss(raw, x, args.recon, args.decoder_std),
                                   device, args, train=train)
-    run.finish(model, test, metrics, mu, test_factors,
+    run.finish(model, test, metrics,
                [("loss (nats/image)", ["loss"]), ("reconstruction", ["recon"]),
                 ("KL split (nats)", ["kl", "info_bound", "kl_scale", "kl_offset"]), ("KL weight", ["beta"])],
                effective_beta=args.beta * (args.decoder_std / metrics["decoder_std_fit"]) ** 2 if args.recon == "mse"

@@ -57,7 +57,7 @@ def capacity(step, capacity_max, capacity_steps):
 def main(argv=None):
     args = parse_args(argv)
     device = common.choose_device(args)  # also seeds torch
-    train, test, test_factors = common.load_data(args)
+    train, test, _ = common.load_data(args)  # (and shapes' true factors, for tools)
     model = common.VAE(train.shape[1], args.image_size, args.latent_dim, args.width, args.recon,
                        channel_mean=common.channel_mean(train), spatial=args.latent == "spatial",
                        centre_mu=not args.no_centring, downsample=args.downsample, arch=args.arch).to(device)
@@ -87,12 +87,12 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------- evaluation and outputs
     # train: the training images, for BatchNorm's statistics and latent_scale_factor (1 / std of the codes)
-    metrics, mu = common.evaluate(model, test, lambda raw, x: recon_loss(raw, x, args.recon, args.decoder_std),
+    metrics, _ = common.evaluate(model, test, lambda raw, x: recon_loss(raw, x, args.recon, args.decoder_std),
                                   device, args, train=train)
     ramp = torch.tensor([[r["kl"], r["capacity"]] for r in run.rows if r["step"] <= args.capacity_steps])
     follows = {"kl_capacity_correlation": torch.corrcoef(ramp.T)[0, 1].item(),  # does the KL follow C, in shape
                "kl_capacity_gap": (ramp[:, 0] - ramp[:, 1]).abs().mean().item()} if len(ramp) > 2 else {}  # in nats
-    run.finish(model, test, metrics, mu, test_factors,
+    run.finish(model, test, metrics,
                [("loss (nats/image)", ["loss"]), ("reconstruction", ["recon"]),
                 ("KL follows C (nats)", ["kl", "capacity", "info_bound", "kl_scale", "kl_offset"])],
                capacity_at=lambda step: capacity(step, args.capacity_max, args.capacity_steps), **follows)

@@ -63,7 +63,7 @@ def lowest_lin_weight(perceptual):
 def main(argv=None):
     args = parse_args(argv)
     device = common.choose_device(args)  # also seeds torch
-    train, test, test_factors = common.load_data(args)
+    train, test, _ = common.load_data(args)  # (and shapes' true factors, for tools)
     perceptual, backbone_file = common.load_lpips(args.lpips_net, args.lpips_random_backbone, device)  # or exit 2
     lpips_vgg = None if args.lpips_random_backbone else common.load_lpips("vgg", False, device, required=False)[0]
     # lpips.LPIPS freezes only its backbone: freeze all of it, in eval mode (--unfreeze-lpips thaws the lin heads below)
@@ -111,7 +111,7 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------- evaluation and outputs
     # train: the training images, for BatchNorm's statistics and latent_scale_factor (1 / std of the codes)
-    metrics, mu = common.evaluate(model, test, lambda raw, x: recon_loss(raw, x, args.decoder_std),
+    metrics, _ = common.evaluate(model, test, lambda raw, x: recon_loss(raw, x, args.decoder_std),
                                   device, args, train=train,
                                   extra=lambda x, mean: {"test_lpips": common.lpips_distance(perceptual, mean, x)})
     if lpips_vgg is not None:  # on 1,000 test images: a VGG step costs ~45x AlexNet's (docs/speed.md)
@@ -123,7 +123,7 @@ def main(argv=None):
     for what, first in [("a lin weight", negative_weight_step), ("an image's LPIPS", negative_lpips_step)]:
         if int(first):  # say it loudly
             print(f"LPIPS INCIDENT at step {int(first)}: {what} went below zero; LPIPS was trained. Freeze it.")
-    run.finish(model, test, metrics, mu, test_factors,
+    run.finish(model, test, metrics,
                [("loss (nats/image)", ["loss"]), ("reconstruction", ["recon"]),
                 ("KL follows C (nats)", ["kl", "capacity", "info_bound", "kl_scale", "kl_offset"]),
                 ("LPIPS", ["lpips"])], {"LPIPS incident": min(incident)} if incident else None,

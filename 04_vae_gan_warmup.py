@@ -55,12 +55,18 @@ def parse_args(argv=None):
                         help="lambda = --disc-weight, fixed, as a naive GAN has it (default: off)")
     parser.add_argument("--no-spectral-norm", action="store_true", help="D without spectral norm (default: off)")
     parser.add_argument("--disc-lr", type=float, default=1e-4, help="D's Adam learning rate (default: 0.0001)")
+    parser.add_argument("--grad-clip", type=float, default=0.0,
+                        help="clip the decoder's gradient to this norm before its step, 0 = off (default: 0)")
+    parser.add_argument("--r1-gamma", type=float, default=0.0,
+                        help="R1: add gamma/2 E_real ||grad_x D(x)||^2 to D's loss, 0 = off (default: 0)")
     args = common.parse_args(parser, argv)
     args.recon = "mse"  # from here on a Gaussian decoder: LPIPS compares images in [-1, 1]
     if min(args.gamma, args.capacity_max, args.capacity_steps, args.lpips_weight, args.disc_weight,
-           args.disc_start or 0) < 0 or args.disc_lr <= 0:
-        common.fail("--gamma, --capacity-max, --capacity-steps, --lpips-weight, --disc-weight, --disc-start must not "
-                    "be negative, --disc-lr must be positive")
+           args.disc_start or 0, args.grad_clip, args.r1_gamma) < 0 or args.disc_lr <= 0:
+        common.fail("--gamma, --capacity-max, --capacity-steps, --lpips-weight, --disc-weight, --disc-start, "
+                    "--grad-clip, --r1-gamma must not be negative, --disc-lr must be positive")
+    if args.r1_gamma and args.compile:
+        common.fail("--r1-gamma backpropagates through a gradient, which torch.compile does not: drop --compile")
     return args
 
 
@@ -91,6 +97,13 @@ class PatchDiscriminator(nn.Sequential):
 def hinge_d_loss(logits_real, logits_fake):
     """0.5 * (E[relu(1 - D(x))] + E[relu(1 + D(x_hat))]): D wants real logits >= 1, fake <= -1."""
     return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+
+
+def r1_penalty(logits_real, x):
+    """R1 (Mescheder et al. 2018): E_real ||grad_x D(x)||^2, D(x) an image's mean patch logit. x must require grad;
+    create_graph: D's own backward then goes through this gradient, flattening D around the real images."""
+    grad, = torch.autograd.grad(logits_real.flatten(1).mean(1).sum(), x, create_graph=True)
+    return grad.pow(2).flatten(1).sum(1).mean()
 
 
 def adaptive_weight(rec_loss, adv_loss, last_layer, disc_weight, limit=1e4):
@@ -144,7 +157,7 @@ def lowest_lin_weight(perceptual):
 def main(argv=None):
     args = parse_args(argv)
     device = common.choose_device(args)  # also seeds torch
-    train, test, test_factors = common.load_data(args)
+    train, test, _ = common.load_data(args)  # (and shapes' true factors, for tools)
     perceptual, backbone_file = common.load_lpips(args.lpips_net, args.lpips_random_backbone, device)  # or exit 2
     lpips_vgg = None if args.lpips_random_backbone else common.load_lpips("vgg", False, device, required=False)[0]
     # lpips.LPIPS freezes only its backbone: freeze all of it, in eval mode (--unfreeze-lpips thaws the lin heads below)
@@ -217,13 +230,17 @@ def main(argv=None):
             loss = loss + weight * adv_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        dec_grad_norm = torch.stack([p.grad.norm() for p in model.decoder.parameters()]).norm()  # watched for spikes
+        # the decoder's gradient norm, watched for spikes; --grad-clip scales the gradient down to that norm at most
+        dec_grad_norm = nn.utils.clip_grad_norm_(model.decoder.parameters(), args.grad_clip or float("inf"))
         optimizer.step()
         if d_on:  # D's step, on detached reconstructions: it must not train the decoder
             disc.requires_grad_(True)
             with common.autocast(device, args):
-                logits_real, logits_fake = discriminator(x).float(), discriminator(reconstruction.detach()).float()
+                x_real = x.detach().requires_grad_(args.r1_gamma > 0)  # R1 differentiates D(x) with respect to x
+                logits_real, logits_fake = discriminator(x_real).float(), discriminator(reconstruction.detach()).float()
             d_loss = hinge_d_loss(logits_real, logits_fake)
+            if args.r1_gamma:
+                d_loss = d_loss + args.r1_gamma / 2 * r1_penalty(logits_real, x_real)
             disc_optimizer.zero_grad(set_to_none=True)
             d_loss.backward()
             disc_optimizer.step()
@@ -245,7 +262,7 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------- evaluation and outputs
     # train: the training images, for BatchNorm's statistics and latent_scale_factor (1 / std of the codes)
-    metrics, mu = common.evaluate(model, test, lambda raw, x: recon_loss(raw, x, args.decoder_std),
+    metrics, _ = common.evaluate(model, test, lambda raw, x: recon_loss(raw, x, args.decoder_std),
                                   device, args, train=train,
                                   extra=lambda x, mean: {"test_lpips": common.lpips_distance(perceptual, mean, x)})
     if lpips_vgg is not None:  # on 1,000 test images: a VGG step costs ~45x AlexNet's (docs/speed.md)
@@ -257,7 +274,7 @@ def main(argv=None):
     for what, first in [("a lin weight", negative_weight_step), ("an image's LPIPS", negative_lpips_step)]:
         if int(first):  # say it loudly
             print(f"LPIPS INCIDENT at step {int(first)}: {what} went below zero; LPIPS was trained. Freeze it.")
-    run.finish(model, test, metrics, mu, test_factors,
+    run.finish(model, test, metrics,
                [("loss (nats/image)", ["loss"]), ("reconstruction", ["recon"]),
                 ("KL follows C (nats)", ["kl", "capacity", "info_bound", "kl_scale", "kl_offset"]),
                 ("LPIPS", ["lpips"]), ("discriminator", ["d_loss", "logits_real", "logits_fake"]),

@@ -1,6 +1,7 @@
 """What the numbered scripts share and none of them teaches: flags, data, model blocks, the closed-form KL, evaluation,
 run bookkeeping (folder, log, checkpoints, resume) and pictures. Each chapter keeps its loss, schedules and tricks."""
-import argparse, csv, functools, gzip, importlib.metadata, json, math, os, platform, shutil, sys, time  # noqa: E401
+import argparse, contextlib, csv, datetime, functools, gzip, importlib.metadata, json, math, os, platform, shutil, \
+    signal, sys, time  # noqa: E401
 from pathlib import Path
 
 import torch
@@ -12,38 +13,41 @@ from tqdm import tqdm
 DATASETS = ["shapes", "mnist", "fashion-mnist", "cifar10", "celeba", "folder"]
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 PADDED = {"mnist": 2, "fashion-mnist": 2}  # border added around the 28 x 28 originals, pixels
+ALONE = []  # non-empty while rank 0 works alone (rank_zero_first)
 
 def fail(message, code=2):
     """Bad input: one `error:` line on stderr (from rank 0 under torchrun), no traceback, exit 2 (3: diverged)."""
-    if os.environ.get("RANK", "0") == "0":  # torchrun sets RANK, also before the processes have met
+    if message and os.environ.get("RANK", "0") == "0":  # torchrun sets RANK, also before the processes have met
         print("error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
+    if dist.is_initialized() and not ALONE:  # torchrun stops the others once one process has ended: they end with
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(code))  # this code too, and wait for each other (gloo, 5 s)
+        with contextlib.suppress(RuntimeError):  # RuntimeError: a process that is not stopping
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=5)) if dist.get_backend() == "gloo" else None
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)  # now: a slow teardown could outlast torchrun's patience
     sys.exit(code)
 
 # ----------------------------------------------------------------------------- flags
 def base_parser(script, doc, steps):
     """The flags every script takes; each script adds its own. `steps`: the chapter's default length."""
-    p = argparse.ArgumentParser(prog=f"{script}.py", description=doc,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(f"{script}.py", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--dataset", choices=DATASETS, default="shapes", help="(default: shapes, drawn by code, no download)")
     add("--data-dir", default=None, help="where data sets live; for folder, the image folder (default: data)")
     add("--image-size", type=int, default=None, help="(default: 64 for shapes, celeba, folder; 32 otherwise)")
-    add("--epochs", type=int, default=None,
-        help=f"passes over the training set (default: whole passes, at least {steps:,} steps)")
+    add("--epochs", type=int, default=None, help=f"passes over the data (default: whole ones, >= {steps:,} steps)")
     add("--max-steps", type=int, default=0, help="cap on optimizer steps, 0 = no cap (default: 0)")
     add("--batch-size", type=int, default=64, help="(default: 64)")
     add("--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
     add("--latent", choices=["vector", "spatial"], default=None, help="one code vector per image, or a map of codes, "
         "one per f x f pixel patch, f = --downsample (default: spatial for cifar10, celeba, folder; vector otherwise)")
-    add("--latent-dim", type=int, default=None, help="dims of the code vector, or channels of the code map "
-        "(default: 4 for a code map; a vector: 10, 64 for photos)")
-    add("--downsample", type=int, choices=[4, 8], default=None, help="a code map's pixels per code along each side; "
-        "8 is Stable Diffusion's f8: 256 px -> 32 x 32 codes (default: 4)")
+    add("--latent-dim", type=int, default=None, help="a vector's dims, a map's channels (default: 4; vector 10, 64)")
+    add("--downsample", type=int, choices=[4, 8], default=None, help="a map's pixels per code, a side (default: 4)")
     add("--decoder-std", type=float, default=None, help="sigma of the Gaussian decoder on [-1, 1] pixels: the price "
         "of detail, see 01 (default: 0.7071, i.e. variance 1/2; 0.1 for a code map)")
     add("--width", type=int, default=32, help="channels of the first conv; 64-128 on a GPU (default: 32)")
-    add("--arch", choices=["plain", "sd"], default="plain", help="a code map's blocks: plain convolutions, or Stable "
-        "Diffusion's (ResNet blocks, GroupNorm, attention; its KL-f8 at --width 128 --downsample 8) (default: plain)")
+    add("--arch", choices=["plain", "sd"], default="plain", help="a code map's blocks: plain, or Stable Diffusion's "
+        "(its KL-f8 at --width 128 --downsample 8) (default: plain)")
     add("--seed", type=int, default=0, help="(default: 0)")
     add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="(default: auto)")
     add("--out", default=None, help="output folder (default: runs/<script>/<dataset>-<time>)")
@@ -51,10 +55,8 @@ def base_parser(script, doc, steps):
     add("--log-every", type=int, default=50, help="steps between metric rows (default: 50)")
     add("--amp", action="store_true", help="bf16 autocast, on CUDA or a CPU with bf16 (default: off)")
     add("--compile", action="store_true", help="torch.compile the encoder, decoder (and 04's D) (default: off)")
-    add("--checkpoint-every", type=int, default=0, help="steps between checkpoints, besides each epoch's end and the "
-        "run's, 0 = only those (default: 0)")
-    add("--eval-every", type=int, default=0, help="steps between test PSNR (and LPIPS) rows in eval.csv, recon.png "
-        "refreshed; 0 = at the end only (default: 0)")
+    add("--checkpoint-every", type=int, default=0, help="also a checkpoint every N steps (default: 0, epoch ends)")
+    add("--eval-every", type=int, default=0, help="steps between eval.csv's test scores and recon.png (default: 0)")
     p.set_defaults(steps=steps)
     return p
 
@@ -98,9 +100,8 @@ def parse_args(parser, argv=None):
     for name, value in vars(args).items():  # nan passes every range check below (nan < 0 is False)
         if isinstance(value, float) and not math.isfinite(value):
             fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    for name in ("lr", "decoder_std"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in [n for n in ("lr", "decoder_std") if getattr(args, n) <= 0]:
+        fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.image_size not in (16, 32, 64, 128, 256):
         fail(f"--image-size must be 16, 32, 64, 128 or 256, got {args.image_size}")
     return args
@@ -119,46 +120,34 @@ def autocast(device, args):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type in ("cuda", "cpu"))
 
 # ----------------------------------------------------------------------------- more than one process (torchrun)
-# `torchrun --nproc_per_node=N script.py ...` starts N copies of the script. Each trains on its slice of every global
-# batch (Batches); DistributedDataParallel averages their gradients in backward (prepare), so the N processes take
-# the step one process would on the whole batch. Rank 0 alone writes; the others leave once training ends.
-def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
-def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
+# `torchrun --nproc_per_node=N script.py` starts N copies. Each trains on its slice of every global batch (Batches);
+# DDP averages their gradients (prepare): the step one process takes on the whole batch. Rank 0 alone writes.
+rank = lambda: dist.get_rank() if dist.is_initialized() else 0  # noqa: E731  this process's number, 0 to N - 1
+world_size = lambda: dist.get_world_size() if dist.is_initialized() else 1  # noqa: E731  N
 
 def distributed(device, args):
     """Join the processes torchrun started (gloo on a CPU, NCCL on CUDA): one GPU each, or a share of the cores."""
-    local, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
     if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))  # torchrun's default is 1 thread
+        torch.cuda.set_device(device := torch.device("cuda", int(os.environ["LOCAL_RANK"])))
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ["LOCAL_WORLD_SIZE"])))  # a share
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if rank() > 0:
-        sys.stdout = open(os.devnull, "w")  # one voice: rank 0's
+    sys.stdout = sys.stdout if rank() == 0 else open(os.devnull, "w")  # one voice: rank 0's
     if args.batch_size % world_size():
         fail(f"--batch-size {args.batch_size} is the global batch and must split evenly over {world_size()} processes")
     return device
 
 def prepare(args, *modules):
-    """The modules as the loop calls them: wrapped in DistributedDataParallel under torchrun (gradients averaged over
-    the processes in backward), then compiled with --compile."""
-    from torch.nn.parallel import DistributedDataParallel
-    def wrap(module):  # on CUDA a code vector's centring (BatchNorm) takes the global batch's statistics; on a CPU,
-        if not dist.is_initialized():  # which SyncBatchNorm does not run on, each process's slice's
-            return module
-        cuda = next(module.parameters()).is_cuda
-        return DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(module) if cuda else module)
-    return [torch.compile(wrap(m)) if args.compile else wrap(m) for m in modules]
+    """The modules as the loop calls them: under torchrun in DistributedDataParallel (gradients averaged in backward;
+    a code vector's centring takes the global batch's statistics on CUDA, its slice's on a CPU); --compile compiles."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm
+    modules = [DDP(sync(m) if next(m.parameters()).is_cuda else m) for m in modules] if world_size() > 1 else modules
+    return [torch.compile(m) if args.compile else m for m in modules]
 
 def mean_over_processes(t, op="mean"):
     """t averaged (or its maximum, op="max") over the processes; t itself without torchrun."""
-    if not dist.is_initialized():
-        return t
-    t = t.detach().clone()
-    dist.all_reduce(t, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    if dist.is_initialized():
+        dist.all_reduce(t := t.detach().clone(), dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t if op == "max" else t / world_size()
 
 def batch_mean(per_image):
@@ -168,32 +157,24 @@ def batch_mean(per_image):
     return local + (mean_over_processes(local) - local).detach()
 
 def randn_like(t):
-    """N(0, I) noise for this process's slice of the batch: drawn for the whole batch from the RNG every process shares,
+    """N(0, I) noise for this process's slice of the batch: drawn for the whole batch from the RNG all processes share,
     then sliced, so the noise is one process's whatever the number of processes."""
     if not dist.is_initialized():
         return torch.randn_like(t)
-    noise = torch.randn(len(t) * world_size(), *t.shape[1:], device=t.device, dtype=t.dtype)
-    return noise[rank() * len(t):(rank() + 1) * len(t)]
+    return torch.randn(len(t) * world_size(), *t.shape[1:], device=t.device).split(len(t))[rank()]
 
 def rank_zero_first(work, *args, then_others=True):
     """work(*args) on rank 0, then on the others, which find what it wrote (a folder's decoded cache, LPIPS's weights):
     one writer. Where rank 0 stops (bad input, exit 2), every process stops with its exit code."""
-    if world_size() == 1:
-        return work(*args)
     code, result = [0], None
-    if rank() == 0:
-        try:
-            result = work(*args)
-        except SystemExit as e:
-            code = [e.code if isinstance(e.code, int) else 1]
-        except BaseException:
-            code = [1]
-            dist.broadcast_object_list(code)
-            raise
-    dist.broadcast_object_list(code)
-    if code[0]:
-        sys.exit(code[0])
-    return result if rank() == 0 or not then_others else work(*args)
+    try:
+        ALONE.append(True)  # a failure in here is rank 0's alone: it is told to the others below
+        result = work(*args) if rank() == 0 else None
+    except SystemExit as e:
+        code = [e.code]
+    ALONE.clear()
+    dist.broadcast_object_list(code) if dist.is_initialized() else None
+    return fail(None, code[0]) if code[0] else result if rank() == 0 or not then_others else work(*args)
 
 # ----------------------------------------------------------------------------- data
 SHAPE_FACTORS = {"shape": 3, "scale": 6, "orientation": 40, "pos_x": 32, "pos_y": 32}  # dSprites' grid
@@ -206,8 +187,7 @@ def draw_shapes(factors, size):
     angle = (2 * math.pi * f[:, 2] / 40).view(-1, 1, 1)
     centre_x, centre_y = [(0.2 + 0.6 * f[:, i] / 31).view(-1, 1, 1) for i in (3, 4)]  # keep shapes inside
     half = math.ceil(0.19 * size)  # every shape lies within 0.17 of the width of its centre
-    offsets = torch.arange(-half, half)
-    cols, rows = [(c.view(-1, 1) * size).long() + offsets for c in (centre_x, centre_y)]  # (N, 2 half)
+    cols, rows = [(c.view(-1, 1) * size).long() + torch.arange(-half, half) for c in (centre_x, centre_y)]  # (N, 2h)
     dx = (cols.unsqueeze(1) + 0.5) / size - centre_x  # (N, 1, 2 half), from pixel centres
     dy = (rows.unsqueeze(2) + 0.5) / size - centre_y  # (N, 2 half, 1)
     u = (torch.cos(angle) * dx + torch.sin(angle) * dy) / radius  # (N, 2 half, 2 half), shape's frame
@@ -246,8 +226,7 @@ def load_torchvision(name, root, train):
     files = "raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]"
     cls, layout = {"mnist": (tvd.MNIST, "MNIST/" + files), "fashion-mnist": (tvd.FashionMNIST, "FashionMNIST/" + files),
                    "cifar10": (tvd.CIFAR10, "cifar-10-batches-py/ (or cifar-10-python.tar.gz)")}[name]
-    # torchvision takes a .gz only with the original download's checksum (else it goes online), but reads unpacked
-    # files: so unpack first (a distribution's recompressed copy, say)
+    # torchvision reads a .gz only with the original's checksum (else it goes online), an unpacked file always
     for packed in (Path(root) / cls.__name__ / "raw").glob("*-ubyte.gz"):
         if not packed.with_suffix("").exists():
             with gzip.open(packed, "rb") as src, open(packed.with_suffix(".part"), "wb") as dst:
@@ -282,10 +261,9 @@ def decode_folder(root, size, cache):
     size), image after image, split as in load_folder (of readable images; unreadable files skipped and counted)."""
     import multiprocessing
     parts = [root / "train", root / "test"] if (root / "train").is_dir() and (root / "test").is_dir() else [root]
-    part_file = cache.with_name(cache.name + ".part")
+    part_file, counts, skipped = cache.with_name(cache.name + ".part"), {"train": 0, "test": 0}, 0
     shutil.rmtree(part_file, ignore_errors=True)  # what an interrupted decoding left
     part_file.mkdir(parents=True)
-    counts, skipped = {"train": 0, "test": 0}, 0
     with open(part_file / "train.u8", "wb") as train, open(part_file / "test.u8", "wb") as test, \
             multiprocessing.Pool() as pool:
         for part in parts:
@@ -302,8 +280,7 @@ def decode_folder(root, size, cache):
         fail(f"found {sum(counts.values())} readable images ({', '.join(sorted(IMAGE_EXTENSIONS))}) below {root}; "
              f"need at least one to train on and one to test on")
     os.replace(part_file, cache)
-    print(f"folder {root}: {sum(counts.values())} images read, {skipped} unreadable files skipped; decoded once "
-          f"into {cache}")
+    print(f"folder {root}: {sum(counts.values())} images read, {skipped} unreadable skipped; decoded into {cache}")
 
 def load_folder(root, size):
     """-> (train, test), uint8 memory-mapped from a decoded cache, root/.decoded/ (a set larger than memory trains),
@@ -319,12 +296,9 @@ def load_folder(root, size):
         for old in (root / ".decoded").glob(f"{size}px-*"):  # the folder changed: its old decoding goes
             shutil.rmtree(old)
         decode_folder(root, size, cache)
-    mapped = []
-    for name in ("train", "test"):
-        n = (cache / f"{name}.u8").stat().st_size // (3 * size * size)
-        images = torch.from_file(str(cache / f"{name}.u8"), shared=False, size=n * 3 * size * size, dtype=torch.uint8)
-        mapped.append(images.view(n, 3, size, size))
-    return mapped
+    files = [cache / f"{name}.u8" for name in ("train", "test")]
+    return [torch.from_file(str(f), shared=False, size=f.stat().st_size, dtype=torch.uint8).view(-1, 3, size, size)
+            for f in files]
 
 def load_celeba(root, size):
     """torchvision's CelebA layout; a 148 x 148 box at the image's centre, resized; decoded once, cached."""
@@ -336,9 +310,8 @@ def load_celeba(root, size):
         fail(f"CelebA needs {folder}/img_align_celeba/*.jpg and {partition} (torchvision's layout); "
              "download them from the CelebA site and place them there")
     split = dict(line.split() for line in partition.read_text().splitlines() if line.strip())
-    decoded = [[read_image(folder / "img_align_celeba" / f, size, box=148) for f, s in split.items() if s == part]
-               for part in ("0", "2")]
-    train, test = [torch.stack([x for x in images if x is not None]) for images in decoded]
+    train, test = [torch.stack([x for x in (read_image(folder / "img_align_celeba" / f, size, box=148)
+                                            for f, s in split.items() if s == part) if x is not None]) for part in "02"]
     torch.save((train, test), cache)
     return train, test
 
@@ -423,10 +396,9 @@ class Decoder(nn.Module):
         return self.conv_out(self.body(self.head(z)))
 
 class SpatialEncoder(Encoder):
-    """x (B, C, H, W) -> mu, logvar (B, c, H/f, W/f), f = downsample (4, or 8 as Stable Diffusion's f8): convolutions
-    only, so the map keeps the image's layout, as in Stable Diffusion's KL autoencoders. At f = 4 each code sees an
-    18 x 18 pixel window around its 4 x 4 patch (Stable Diffusion's encoder adds attention: its codes see the whole
-    image). Never centred: per channel, centring moved nats from information into scale (docs/results.md)."""
+    """x (B, C, H, W) -> mu, logvar (B, c, H/f, W/f), f = downsample: convolutions only, so the map keeps the image's
+    layout. At f = 4 a code sees an 18 x 18 pixel window around its 4 x 4 patch (--arch sd: the whole image, through
+    attention). Never centred: per channel, centring moved nats from information into scale (docs/results.md)."""
     def __init__(self, channels, latent_channels, width, downsample=4):
         nn.Module.__init__(self)  # Encoder's forward, with these layers
         f8 = [nn.Conv2d(2 * width, 2 * width, 4, 2, 1), nn.ReLU()] if downsample == 8 else []  # a third halving
@@ -452,17 +424,15 @@ class SpatialDecoder(nn.Module):
         return self.conv_out(self.body(z))
 
 # ----------------------------------------------------------------------------- Stable Diffusion's blocks (--arch sd)
-# Latent diffusion's Encoder and Decoder (ldm/modules/diffusionmodules/model.py; diffusers' AutoencoderKL): at
-# --width 128 --downsample 8 exactly its KL-f8 autoencoder, 83,653,863 parameters. The layers are the same; their
-# names in a state dict are not, so its released weights do not load here as they are.
-def group_norm(channels):
-    """32 groups, as Stable Diffusion: the channels must be a multiple of 32."""
-    return nn.GroupNorm(32, channels, eps=1e-6)
+# Latent diffusion's Encoder and Decoder (ldm/modules/diffusionmodules/model.py): at --width 128 --downsample 8 its
+# KL-f8 autoencoder, 83,653,863 parameters. Same layers, other state-dict names: its weights do not load as they are.
+group_norm = functools.partial(nn.GroupNorm, 32, eps=1e-6)  # 32 groups, as Stable Diffusion's: channels k x 32
 
 class ResnetBlock(nn.Module):
     """x + two rounds of (GroupNorm, SiLU, 3x3 conv); the input passes a 1x1 conv where the channels change."""
-    def __init__(self, c_in, c_out):
+    def __init__(self, c_in, c_out=None):
         super().__init__()
+        c_out = c_out or c_in
         self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
         self.norm2, self.conv2 = group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
@@ -483,12 +453,8 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(h.transpose(1, 2).reshape(x.shape))
 
 def sd_levels(width, downsample):
-    """Channels of each level: SD's multipliers (1, 2, 4, 4) on --width for f8, (1, 2, 4) for f4; the map halves
-    between two levels."""
+    """Channels of each level, the map halved between two: SD's multipliers (1, 2, 4, 4) on --width (f4: (1, 2, 4))."""
     return [width * m for m in (1, 2, 4, 4)[:int(math.log2(downsample)) + 1]]
-
-def sd_middle(c):
-    return nn.Sequential(ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c))
 
 class SDEncoder(nn.Module):
     """x -> mu, logvar (B, c, H/f, W/f): 3x3 conv in, two ResnetBlocks per level, a stride-2 conv between levels
@@ -501,7 +467,7 @@ class SDEncoder(nn.Module):
             if i < len(levels) - 1:
                 layers += [nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(c, c, 3, stride=2)]
         self.conv_in = nn.Conv2d(channels, width, 3, padding=1)
-        self.down, self.mid = nn.Sequential(*layers), sd_middle(levels[-1])
+        self.down, self.mid = nn.Sequential(*layers), nn.Sequential(ResnetBlock(c), AttnBlock(c), ResnetBlock(c))
         self.norm_out, self.conv_out = group_norm(levels[-1]), nn.Conv2d(levels[-1], 2 * latent_channels, 3, padding=1)
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
 
@@ -521,7 +487,8 @@ class SDDecoder(nn.Module):
             if i < len(levels) - 1:
                 layers += [nn.Upsample(scale_factor=2), nn.Conv2d(c, c, 3, padding=1)]
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
-        self.conv_in, self.mid = nn.Conv2d(latent_channels, levels[0], 3, padding=1), sd_middle(levels[0])
+        self.mid = nn.Sequential(ResnetBlock(levels[0]), AttnBlock(levels[0]), ResnetBlock(levels[0]))
+        self.conv_in = nn.Conv2d(latent_channels, levels[0], 3, padding=1)
         self.up, self.norm_out = nn.Sequential(*layers), group_norm(width)
         self.conv_out = nn.Conv2d(width, channels, 3, padding=1)  # no activation
 
@@ -530,9 +497,8 @@ class SDDecoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 class VAE(nn.Module):
-    """An encoder (x -> mu, logvar) and a decoder (z -> Bernoulli logits for recon='bce', pre-tanh for 'mse');
-    the chapters draw z between the two. channel_mean (C,) in [0, 1] starts the output at the data's mean colour:
-    on shapes (3% of pixels lit) an untrained decoder's first steps otherwise darken the background, cutting z off."""
+    """An encoder (x -> mu, logvar), a decoder (z -> logits for recon='bce', pre-tanh for 'mse'). channel_mean (C,) in
+    [0, 1] starts at the data's mean colour: else on shapes (3% lit) the first steps darken all, cutting z off."""
     def __init__(self, channels, image_size, latent_dim, width, recon="mse", channel_mean=None, centre_mu=False,
                  spatial=False, downsample=4, arch="plain"):
         super().__init__()
@@ -541,11 +507,10 @@ class VAE(nn.Module):
         if spatial:  # latent_dim channels at each of (image_size / f)^2 positions; centre_mu is for a code vector
             blocks = (SDEncoder, SDDecoder) if arch == "sd" else (SpatialEncoder, SpatialDecoder)
             self.encoder, self.decoder = (block(channels, latent_dim, width, downsample) for block in blocks)
-            self.latent_shape = (latent_dim, image_size // downsample, image_size // downsample)
         else:
             self.encoder = Encoder(channels, image_size, latent_dim, width, centre_mu)
             self.decoder = Decoder(channels, image_size, latent_dim, width)
-            self.latent_shape = (latent_dim,)
+        self.latent_shape = (latent_dim, *[image_size // downsample] * 2) if spatial else (latent_dim,)
         self.recon = recon
         if channel_mean is not None:
             m = torch.as_tensor(channel_mean, dtype=torch.float32).clamp(0.01, 0.99)
@@ -625,11 +590,9 @@ def load_lpips(net, random_backbone, device, required=True):
     return rank_zero_first(build_lpips, net, random_backbone, device, required)
 
 def build_lpips(net, random_backbone, device, required=True):
-    """-> (lpips.LPIPS as the package builds it, the file its backbone came from or "random"). The ImageNet
-    backbone: torchvision's file where cached, else tools.lpips_weights' conversion, else torchvision downloads it;
-    when none works, exit 2 naming both routes. required=False: (None, None) when neither file is there, no
-    download. Torch's random state is restored, so the model built next starts the same whatever loaded."""
-    import contextlib, io, warnings  # noqa: E401
+    """load_lpips' work. The ImageNet backbone: torchvision's file, else tools.lpips_weights', else a download, else
+    exit 2. required=False: (None, None) without a file. Torch's random state is kept: the next model is the same."""
+    import io, warnings  # noqa: E401
     import lpips
     cached, converted, url = lpips_files(net)
     if not (random_backbone or required or cached.exists() or converted.exists()):
@@ -680,10 +643,9 @@ def frechet_distance(mean1, cov1, mean2, cov2):
 
 @torch.no_grad()
 def vgg_scores(vgg, pairs):
-    """LPIPS-VGG and FD-VGG of (originals, reconstructions) pairs in [-1, 1] -> {test_lpips_vgg, test_fd_vgg}.
-    FD-VGG: the Frechet distance between the two sets' ImageNet-VGG16 relu4_3 features, each 8 x 8 pixel patch
-    of each image one 512-value sample (rFID's recipe with VGG for Inception, on patches: a distribution of local
-    texture, so blur and made-up texture both show). Read from LPIPS-VGG's own pass, so it costs nothing more."""
+    """LPIPS-VGG and FD-VGG of (originals, reconstructions) pairs in [-1, 1] -> {test_lpips_vgg, test_fd_vgg}. FD-VGG:
+    the Frechet distance between the sets' VGG16 relu4_3 features, each 8 x 8 pixel patch a 512-value sample (rFID's
+    recipe, VGG for Inception: blur and made-up texture both show), read from LPIPS-VGG's own pass."""
     features, total, count = [], 0.0, 0
     hook = vgg.net.slice4.register_forward_hook(lambda module, inputs, output: features.append(output))
     moments = [[0.0, 0.0, 0] for _ in range(2)]  # per set: the sum of the samples, of their outer products, count
@@ -703,9 +665,8 @@ def power_spectrum(images):
     return torch.fft.fft2(images.float()).abs().pow(2).sum((0, 1)).double().cpu()
 
 def spectrum_metrics(power_recon, power_data):
-    """Power spectra (H, W) of square images -> (hf_power_ratio, spectrum_error). hf_power_ratio: power above 1/4 cycle
-    per pixel, reconstructions over originals; noise raises it too. spectrum_error: mean over rings r = 1 .. H/2
-    (cycles per image) of |log10 P_recon(r) - log10 P_data(r)|: 0 = the data's; blur (high r lost), noise raise it."""
+    """Power spectra (H, W) -> hf_power_ratio (power above 1/4 cycle per pixel, reconstructions over originals) and
+    spectrum_error: mean over rings r = 1 .. H/2 of |log10 P_recon(r) - log10 P_data(r)|; blur and noise raise it."""
     h = power_data.shape[0]
     f = torch.fft.fftfreq(h, dtype=torch.float64)
     radius = (f.view(-1, 1) ** 2 + f.view(1, -1) ** 2).sqrt()  # cycles per pixel
@@ -719,29 +680,21 @@ def spectrum_metrics(power_recon, power_data):
 def recalibrate_batchnorm(model, images, batch_size=None, max_images=12_800, seed=0):
     """BatchNorm's running statistics recomputed with the final weights on a seeded subset of the training images:
     BN makes the loss blind to shifts of its input, which drifts, so the running average lags and moves mu."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a plain average over the batches below
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device  # a plain average over the batches (momentum None), a batch at a time:
     subset = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:max_images]
-    for chunk in subset.split(batch_size or min(256, eval_chunk(images))) if norms else []:  # a batch at a time
-        model.encoder.train()(to_model_range(images[chunk].to(device), model.recon))
-    for m in norms:
-        m.momentum = 0.1
+    chunks = subset.split(batch_size or min(256, eval_chunk(images)))
+    torch.optim.swa_utils.update_bn((to_model_range(images[c].to(device), model.recon) for c in chunks), model.encoder)
     model.eval()
 
 @torch.no_grad()
 def evaluate(model, test, recon_loss, device, args, extra=None, train=None, max_images=10_000):
-    """Held-out metrics -> (metrics dict, mu of every test image). recon_loss(raw, x) -> (B,) is the chapter's
-    term; extra(x, mean) -> {name: (B,)} adds per-image metrics; `train`: BatchNorm's statistics are recomputed
-    first. ELBO terms use one sample z ~ q(z|x) (fixed noise); pixel metrics and spectra decode z = mu (recon.png)."""
-    if train is not None:
-        recalibrate_batchnorm(model, train)
-    model.eval()
+    """Held-out metrics -> (metrics, mu of every test image). recon_loss(raw, x) -> (B,): the chapter's term; extra(x,
+    mean) -> {name: (B,)}: more per-image metrics; `train`: BatchNorm's statistics recomputed first. ELBO terms use
+    one sample z ~ q(z|x) (fixed noise); pixel metrics and spectra decode z = mu (recon.png)."""
+    recalibrate_batchnorm(model, train) if train is not None else None
     noise, sums, powers, mus, logvars = torch.Generator().manual_seed(args.seed), {}, [0.0, 0.0], [], []
-    test = test[:max_images]
-    only = lambda t: original_pixels(t, args.dataset)  # noqa: E731  MNIST without its border
+    test, only = test[:max_images], functools.partial(original_pixels, dataset=args.dataset)  # MNIST without its border
+    model.eval()
     for chunk in test.split(eval_chunk(test)):
         original, x = chunk.to(device).float() / 255, to_model_range(chunk.to(device), model.recon)
         with autocast(device, args):
@@ -754,19 +707,16 @@ def evaluate(model, test, recon_loss, device, args, extra=None, train=None, max_
                      "test_mse": (only(recon) - only(original)).pow(2).flatten(1).mean(1),
                      "kl_per_dim": kl.flatten(2).sum(2) if kl.dim() > 2 else kl,
                      **(extra(x, model.mean(raw_mean)) if extra else {})}
-        for k, v in per_image.items():
-            sums[k] = sums.get(k, 0.0) + v.sum(0).cpu().double()
+        sums = {k: sums.get(k, 0.0) + v.sum(0).cpu().double() for k, v in per_image.items()}
         powers = [powers[0] + power_spectrum(recon), powers[1] + power_spectrum(original)]
-        mus.append(mu.cpu())
-        logvars.append(logvar.cpu())
+        mus, logvars = mus + [mu.cpu()], logvars + [logvar.cpu()]
     n, total, squares = 0, 0.0, 0.0  # count, sum, sum of squares of the training codes: never every code at once
     for c in train[:max_images].split(eval_chunk(train)) if train is not None else []:
         with autocast(device, args):  # 1 / their std is latent_scale_factor: Stable Diffusion multiplies its
             z = model.encoder(to_model_range(c.to(device), model.recon))[0].double()  # latents by it (0.18215)
         n, total, squares = n + z.numel(), total + z.sum().item(), squares + z.pow(2).sum().item()
     model.train()
-    metrics = {k: v.item() if v.dim() == 0 else v.tolist() for k, v in ((k, v / len(test)) for k, v in sums.items())}
-    mu = torch.cat(mus)
+    metrics, mu = {k: (v / len(test)).tolist() for k, v in sums.items()}, torch.cat(mus)
     metrics["test_psnr_db"] = 10 * math.log10(1.0 / max(metrics["test_mse"], 1e-12))
     metrics["active_units"] = int((mu.flatten(1).var(0) > 0.01).sum())  # Var_x(E_q[z_i|x]) > 0.01, Burda et al. 2016
     metrics.update({"test_" + k: v.item() for k, v in kl_split(mu.double(), torch.cat(logvars).double()).items()})
@@ -781,55 +731,18 @@ def evaluate(model, test, recon_loss, device, args, extra=None, train=None, max_
     metrics["test_neg_elbo"] = metrics["test_recon_original"] + constant + metrics["test_kl"]
     return metrics, mu
 
-def factor_information(mu, factors, bins=20):
-    """What each latent dim knows about each true factor: mutual information between dim j of mu (N, D),
-    cut into `bins` equal-width bins, and factor k (N, K), over the factor's entropy -> (D, K) in [0, 1]."""
-    codes = ((mu - mu.min(0).values) / (mu.max(0).values - mu.min(0).values + 1e-12) * bins).long().clamp(max=bins - 1)
-
-    def mutual_information(a, b):  # discrete, in nats, from the joint histogram
-        joint = torch.bincount(a * (b.max() + 1) + b, minlength=int((a.max() + 1) * (b.max() + 1))).double()
-        joint = (joint / joint.sum()).view(int(a.max()) + 1, -1)
-        independent = joint.sum(1, keepdim=True) * joint.sum(0, keepdim=True)
-        return (joint * (joint / independent).log()).nan_to_num().sum().item()
-    entropy = [mutual_information(factors[:, k], factors[:, k]) for k in range(factors.shape[1])]  # I(v; v) = H(v)
-    return torch.tensor([[mutual_information(codes[:, j], factors[:, k]) / entropy[k] for k in range(factors.shape[1])]
-                         for j in range(mu.shape[1])])
-
-def mutual_information_gap(mu, factors, bins=20):
-    """MIG (Chen et al. 2018), the histogram estimate on mu as disentanglement_lib computes it: for each
-    factor, the gap between the two dims that know most about it -> (mean over factors, {factor: gap})."""
-    top2 = factor_information(mu, factors, bins).topk(2, dim=0).values  # (2, K)
-    gaps = {name: (top2[0, k] - top2[1, k]).item() for k, name in enumerate(SHAPE_FACTORS)}
-    return sum(gaps.values()) / len(gaps), gaps
-
-def switch_on(rows, kl_per_dim, mu, factors=None, capacity_at=None, threshold=0.5):
-    """Each dim's first logged step with KL > `threshold` nats, in order: [{dim, step, capacity_at(step),
-    test KL}], with the true factor it knows most about when `factors` are given (shapes)."""
-    steps = {}
-    for row in rows:
-        steps.update({i: row for i in range(len(kl_per_dim)) if i not in steps and row[f"kl_dim_{i}"] > threshold})
-    info = factor_information(mu, factors[:len(mu)]) if factors is not None else None  # (D, K)
-    found = []
-    for i, row in sorted(steps.items(), key=lambda item: item[1]["step"]):
-        step = int(row["step"])
-        found.append({"dim": i, "step": step, "capacity": capacity_at(step) if capacity_at else None,
-                      "test_kl": kl_per_dim[i]})
-        if info is not None:
-            found[-1].update(knows_most_about=list(SHAPE_FACTORS)[info[i].argmax()], information=info[i].max().item())
-    return found
+def switch_on(rows, kl_per_dim, capacity_at=None, threshold=0.5):
+    """Each dim's first logged step with KL > `threshold` nats, in order: [{dim, step, capacity_at(step), test KL}].
+    (Which true factor a shapes run's dim knows about: python -m tools.position_code.)"""
+    steps = {i: row for row in rows[::-1] for i in range(len(kl_per_dim)) if row[f"kl_dim_{i}"] > threshold}  # first
+    return [{"dim": i, "step": int(row["step"]), "capacity": capacity_at(row["step"]) if capacity_at else None,
+             "test_kl": kl_per_dim[i]} for i, row in sorted(steps.items(), key=lambda item: item[1]["step"])]
 
 # ----------------------------------------------------------------------------- bookkeeping
 def save_atomic(path, obj):
     """Write a temporary file, then rename it over the old one: an interrupted save leaves the old file whole."""
     torch.save(obj, Path(path).with_suffix(".tmp"))
     os.replace(Path(path).with_suffix(".tmp"), path)
-
-def read_rows(path, last_step):
-    """A metrics.csv or eval.csv as [{column: float}], rows up to `last_step` (a resumed run's checkpoint)."""
-    if not Path(path).exists():
-        return []
-    with open(path) as f:
-        return [r for r in ({k: float(v) for k, v in r.items()} for r in csv.DictReader(f)) if r["step"] <= last_step]
 
 def save_checkpoint(path, **state):
     save_atomic(path, dict(state, rng=torch.get_rng_state(),
@@ -842,11 +755,10 @@ def load_checkpoint(path):
         fail(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
 
 class Run:
-    """A run's bookkeeping, so the chapter's loop shows only the algorithm: the output folder (made once the data
-    have loaded, so bad input leaves none) with config.json, the training batches, --resume, the progress bar,
-    metrics.csv, the stop on a non-finite loss, checkpoints, eval.csv (--eval-every: `test`, and `perceptual` for
-    LPIPS), summary.json and the pictures. Under torchrun each process keeps one; rank 0's writes.
-    `state`: modules, optimizers and 0-dim tensors a checkpoint holds; extra(): plain values saved beside them."""
+    """A run's bookkeeping, so the loop shows only the algorithm: the output folder (made after the data load: bad input
+    leaves none), batches, --resume, progress bar, metrics.csv, the stop on a non-finite loss, checkpoints, eval.csv
+    (`test`, `perceptual`: LPIPS), summary.json, pictures; rank 0 writes. `state`: modules, optimizers and 0-dim tensors
+    a checkpoint holds; extra(): plain values saved beside them."""
     def __init__(self, args, script, device, train, extra=dict, test=None, perceptual=None, **state):
         self.args, self.script, self.device, self.state, self.extra = args, script, device, state, extra
         self.test, self.perceptual, self.world, self.evals = test, perceptual, world_size(), []
@@ -862,22 +774,19 @@ class Run:
             except (KeyError, RuntimeError, ValueError) as e:
                 fail(f"{args.resume} does not fit this model ({str(e)[:250]}); resume with the flags it trained with")
         out = [args.out or f"runs/{script}/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"]
-        if dist.is_initialized():
-            dist.broadcast_object_list(out)  # rank 0's clock names the folder
+        dist.broadcast_object_list(out) if dist.is_initialized() else None  # rank 0's clock names the folder
         self.out = Path(out[0])
         args.out, self.start_step, self.rows, self.count, self.numbers = str(self.out), 0, [], 0, {}
         rank_zero_first(self.make_folder, then_others=False)  # rank 0 alone writes
-        self.started = time.time()
-        self.sums = self.peaks = None  # the row's running sums and maxima, on the device
+        self.started, self.sums, self.peaks = time.time(), None, None  # the row's running sums and maxima (device)
         if self.resumed:
             self.start_step, self.count = self.resumed["step"], self.resumed["count"]
             self.sums, self.peaks = [None if self.resumed.get(k) is None else self.resumed[k].to(device)
                                      for k in ("sums", "peaks")]
-            self.numbers = dict(self.resumed.get("numbers", {}))
             torch.set_rng_state(self.resumed["rng"])
             if self.resumed["cuda_rng"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(self.resumed["cuda_rng"])
-            self.rows, self.evals = (read_rows(self.out / f, self.start_step) for f in ("metrics.csv", "eval.csv"))
+            self.numbers, self.rows, self.evals = (self.resumed[k] for k in ("numbers", "rows", "evals"))
         print(f"{args.dataset}: {len(train)} training images, {self.total_steps} steps on {device}"
               + (f" in {self.world} processes" if self.world > 1 else "") + f"; output: {self.out}")
 
@@ -890,40 +799,34 @@ class Run:
         versions = {p: importlib.metadata.version(p) for p in ("torch", "torchvision", "lpips", "matplotlib")}
         self.write_json("config.json", {"script": self.script, "args": vars(self.args), "command": " ".join(sys.argv),
                                         "device": f"{self.device.type}: {name}", "threads": torch.get_num_threads(),
-                                        "world_size": self.world,
-                                        "versions": {"python": platform.python_version(), **versions}})
+                                        "world_size": self.world, "versions": {"python": platform.python_version(),
+                                                                               **versions}})
 
     def steps(self):
-        """The optimizer steps still to run; starts the progress bar and the clock. Under torchrun, once they are
-        done, the processes part: rank 0 goes on alone to evaluate and write, the others end."""
+        """The optimizer steps still to run (the bar and clock start); under torchrun rank 0 then goes on alone."""
         self.bar = tqdm(total=self.total_steps, initial=self.start_step, desc=self.script, dynamic_ncols=True,
                         disable=rank() > 0)
         self.timer, self.timed_steps, self.train_time = time.perf_counter(), 0, 0.0
         yield from range(self.start_step, self.total_steps)
         if dist.is_initialized():
-            alone = rank() == 0
             dist.destroy_process_group()
-            if not alone:
-                sys.exit(0)
+            sys.exit(0) if os.environ["RANK"] != "0" else None
 
     def ends_row(self, step):
         """Whether step `step` (0-based) ends with a metrics row."""
         return (step + 1) % self.args.log_every == 0 or step + 1 == self.total_steps
 
     def log(self, step, peaks=None, **terms):
-        """Hand over this step's terms; each column of metrics.csv is the mean since the last row. Tensors (scalars,
-        or vectors that become columns name_0, name_1, ...) are summed on the device; numbers on the host, over the
-        steps that gave one (None: not measured). peaks {name: 0-dim tensor}: columns holding the largest value of
-        any step since the last row, kept on the device. Returns the row when one was written, else None."""
+        """This step's terms; a metrics.csv column is the mean since the last row. Tensors (a vector: columns name_0,
+        name_1, ...) summed on the device, numbers on the host over the steps that gave one (None: not measured).
+        peaks {name: 0-dim tensor}: the largest of any step since the last row. -> the row when one was written."""
         values = torch.cat([v.detach().float().reshape(-1) for v in terms.values() if torch.is_tensor(v)])
         self.sums = values if self.sums is None else self.sums + values
         if peaks:
             top = torch.stack([v.detach().float() for v in peaks.values()])
             self.peaks = top if self.peaks is None else torch.maximum(self.peaks, top)
-        for k, v in terms.items():
-            if v is not None and not torch.is_tensor(v):
-                total, n = self.numbers.get(k, (0.0, 0))
-                self.numbers[k] = (total + v, n + 1)
+        for k, v in ((k, v) for k, v in terms.items() if v is not None and not torch.is_tensor(v)):
+            self.numbers[k] = tuple(a + b for a, b in zip(self.numbers.get(k, (0.0, 0)), (v, 1)))
         self.count, self.timed_steps, done, row = self.count + 1, self.timed_steps + 1, step + 1, None
         self.bar.update(1)
         if self.ends_row(step):  # under torchrun: the processes' means (peaks: their maxima)
@@ -941,9 +844,8 @@ class Run:
             elapsed = time.perf_counter() - self.timer
             row["images_per_s"] = self.timed_steps * self.args.batch_size / elapsed
             self.rows.append(row)
-            self.write_rows("metrics.csv", self.rows)
-            shown = ("loss", "recon", "kl", "lpips", "d_loss")
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in shown})
+            self.write_rows("metrics.csv", self.rows) if rank() == 0 else None  # rank 0 alone writes
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "recon", "kl", "lpips")})
             self.sums = self.peaks = None
             self.count, self.numbers, self.train_time = 0, {}, self.train_time + elapsed
             self.timer, self.timed_steps = time.perf_counter(), 0
@@ -953,41 +855,37 @@ class Run:
             finite = all(bool(torch.isfinite(t).all()) for t in modules + [self.sums] if t is not None)
             if mean_over_processes(torch.tensor(float(finite), device=self.device)) < 1:
                 self.diverged(done)  # ^ every process stops if one found a non-finite value
-            self.save(done)
+            self.save(done) if rank() == 0 else None
         if self.args.eval_every and done % self.args.eval_every == 0 and done < self.total_steps and rank() == 0:
             self.watch(done)
         return row
 
     def watch(self, step):
         """--eval-every: PSNR (and LPIPS) of up to 1,000 test images, z = mu, a row of eval.csv; recon.png anew."""
-        model, sums, n = self.state["model"], {"mse": 0.0, "lpips": 0.0}, 0
+        model, sse, lp, n = self.state["model"], 0.0, 0.0, 0
         for x, recon in reconstructions(model, self.test[:1000], self.device, self.args):
-            recon, only = recon.float(), functools.partial(original_pixels, dataset=self.args.dataset)
-            sums["mse"] += (only(x - recon) / 2).pow(2).flatten(1).mean(1).sum().item()
-            sums["lpips"] += lpips_distance(self.perceptual, recon, x).sum().item() if self.perceptual else 0.0
+            sse += (original_pixels(x - recon.float(), self.args.dataset) / 2).pow(2).flatten(1).mean(1).sum().item()
+            lp += lpips_distance(self.perceptual, recon.float(), x).sum().item() if self.perceptual else 0.0
             n += len(x)
-        self.evals.append({"step": step, "test_psnr_db": 10 * math.log10(1 / max(sums["mse"] / n, 1e-12)),
-                           **({"test_lpips": sums["lpips"] / n} if self.perceptual else {})})
+        scores = {"test_psnr_db": 10 * math.log10(1 / max(sse / n, 1e-12))}
+        scores.update({"test_lpips": lp / n} if self.perceptual else {})
+        self.evals.append({"step": step, **scores})
         self.write_rows("eval.csv", self.evals)
         save_pictures(self.out, model, self.test, self.device, recon_only=True)
-        self.bar.write("eval at step {step}: ".format(**self.evals[-1]) + ", ".join(
-            f"{k} {v:.4g}" for k, v in self.evals[-1].items() if k != "step"))
+        self.bar.write(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
 
     def write_rows(self, name, rows):
-        """A csv file rewritten whole (a few kB per row), by rank 0."""
-        if rank() == 0:
-            with open(self.out / name, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[-1]))
-                writer.writeheader()
-                writer.writerows({k: f"{v:.6g}" for k, v in r.items()} for r in rows)
+        """A csv file rewritten whole (a few kB per row)."""
+        with open(self.out / name, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[-1]))
+            writer.writeheader()
+            writer.writerows({k: f"{v:.6g}" for k, v in r.items()} for r in rows)
 
     def save(self, step):
-        if rank() > 0:
-            return
         state = {k: v.clone() if torch.is_tensor(v) else v.state_dict() for k, v in self.state.items()}
         save_checkpoint(self.out / "checkpoint.pt", script=self.script, args=vars(self.args), step=step,
                         total_steps=self.total_steps, sums=self.sums, peaks=self.peaks, count=self.count,
-                        numbers=self.numbers, **state, **self.extra())
+                        numbers=self.numbers, rows=self.rows, evals=self.evals, **state, **self.extra())
 
     def diverged(self, step):
         fail(f"training diverged at step {step} (non-finite loss or weights); "
@@ -996,9 +894,8 @@ class Run:
     def write_json(self, name, obj):  # rank 0's
         (self.out / name).write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
-    def finish(self, model, test, metrics, mu, test_factors, panels, marks=None, capacity_at=None, **summary):
-        """summary.json (the run, the test metrics, MIG on shapes, the chapter's own keys), the final
-        checkpoint (BatchNorm's recomputed statistics with it), pictures, curves.png, a line of results."""
+    def finish(self, model, test, metrics, panels, marks=None, capacity_at=None, **summary):
+        """summary.json (the run, test metrics, the chapter's keys), the last checkpoint, pictures, a results line."""
         self.bar.close()
         self.save(self.total_steps)
         summary = {"script": self.script, "dataset": self.args.dataset, "image_size": self.args.image_size,
@@ -1009,11 +906,7 @@ class Run:
                    "parameters": sum(p.numel() for p in model.parameters()), **metrics, **summary}
         if capacity_at:  # 02 on: the final C
             summary["capacity_final"] = capacity_at(self.total_steps)
-        # when did each dim switch on, and (on shapes, a code vector) which true factor does it know most about?
-        test_factors = test_factors if mu.dim() == 2 else None  # a code map's channel has no single value per image
-        summary["switch_on"] = switch_on(self.rows, metrics["kl_per_dim"], mu, test_factors, capacity_at)
-        if test_factors is not None:  # shapes knows its true factors: MIG (histogram estimate on mu)
-            summary["mig"], summary["mig_per_factor"] = mutual_information_gap(mu, test_factors[:len(mu)])
+        summary["switch_on"] = switch_on(self.rows, metrics["kl_per_dim"], capacity_at)  # when each dim switched on
         self.write_json("summary.json", summary)
         save_atomic(self.out / "autoencoder.pt", {  # the trained model alone, for load_autoencoder
             "autoencoder": model.config, "state_dict": model.state_dict(), "script": self.script,
@@ -1024,11 +917,11 @@ class Run:
                         [(e["dim"], e["step"]) for e in summary["switch_on"]])
         shown = {"test_psnr_db": "PSNR (dB)", "test_lpips": "LPIPS", "test_lpips_vgg": "LPIPS-VGG",
                  "spectrum_error": "spectrum error", "test_kl": "KL (nats)", "test_info_bound": "of which at most info",
-                 "capacity_final": "C", "kl_capacity_gap": "mean |KL - C| on the ramp", "mig": "MIG"}
+                 "capacity_final": "C", "kl_capacity_gap": "mean |KL - C| on the ramp"}
         print("test: " + "  ".join(f"{label} {summary[k]:.4g}" for k, label in shown.items()
                                    if summary.get(k) is not None))
         on = [f"z{e['dim']} step {e['step']}" + (f" (C {e['capacity']:.1f})" if capacity_at else "")
-              + (f" ({e['knows_most_about']})" if "knows_most_about" in e else "") for e in summary["switch_on"]]
+              for e in summary["switch_on"]]
         print("dims switched on (KL > 0.5 nats) at: " + (", ".join(on) or "none"))
         return summary
 
@@ -1036,20 +929,18 @@ class Run:
 def save_grid(path, images, nrow):
     """[0, 1] images -> one PNG; tiles under 64 px are enlarged (nearest) so they can be seen."""
     from torchvision.utils import save_image
-    if images.shape[-1] < 64:
-        images = F.interpolate(images, scale_factor=64 // images.shape[-1], mode="nearest")
+    images = F.interpolate(images, scale_factor=64 // images.shape[-1]) if images.shape[-1] < 64 else images  # nearest
     save_image(images.float().clamp(0, 1).cpu(), path, nrow=nrow, padding=2, pad_value=0.5)
 
 @torch.no_grad()
 def save_pictures(out, model, test, device, kl_per_dim=None, recon_only=False):
-    """recon.png, samples.png, interpolation.png, and traversals.png when kl_per_dim is given.
-    Works for any number of test images: up to 32 in recon.png, up to 8 pairs interpolated."""
+    """recon.png (up to 32 images), samples.png, interpolation.png (up to 8 pairs), traversals.png with kl_per_dim."""
     model.eval()
     decode = lambda z: torch.cat([model.to_unit(model.decoder(c)) for c in z.split(eval_chunk(test))])  # noqa: E731
     cols = min(8, len(test))
     x = test[:cols * min(4, len(test) // cols)].to(device)  # whole rows of `cols` images
-    mu, _ = model.encoder(to_model_range(x, model.recon))
-    originals, recons = x.float() / 255, decode(mu)
+    mu, originals = model.encoder(to_model_range(x, model.recon))[0], x.float() / 255
+    recons = decode(mu)
     rows = torch.stack([originals.view(-1, cols, *x.shape[1:]), recons.view(-1, cols, *x.shape[1:])], 1)
     save_grid(out / "recon.png", rows.flatten(0, 2), nrow=cols)  # originals above their reconstructions
     if recon_only:  # --eval-every
@@ -1072,11 +963,9 @@ def save_curves(path, rows, panels, marks=None):
     """curves.png: one panel per (title, [metrics.csv columns]); marks = {label: step} as dashed lines."""
     from matplotlib.figure import Figure  # no pyplot: no window, no backend to choose
     fig = Figure(figsize=(4.2 * len(panels), 3.4))
-    axes = fig.subplots(1, len(panels), squeeze=False)
-    steps = [r["step"] for r in rows]
-    for ax, (title, columns) in zip(axes[0], panels):
+    for ax, (title, columns) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         for c in columns:
-            ax.plot(steps, [r[c] for r in rows], label=c)
+            ax.plot([r["step"] for r in rows], [r[c] for r in rows], label=c)
         for label, step in (marks or {}).items():
             ax.axvline(step, color="gray", linestyle="--", label=label)
         ax.set(title=title, xlabel="step")
@@ -1085,9 +974,8 @@ def save_curves(path, rows, panels, marks=None):
     fig.savefig(path, dpi=100)
 
 def save_kl_heatmap(path, rows, latent_dim, switch_on=()):
-    """kl_per_dim.png: the KL of each latent dim (rows) over steps. switch_on [(dim, step)]: those dims first, in
-    order, each marked where it switched on (a staircase when they switch on one at a time); then the rest, most
-    informative first. A square-root colour scale shows a dim's first half nat next to another's 8 nats."""
+    """kl_per_dim.png: each latent dim's KL over steps; switch_on [(dim, step)] first, marked where each switched on (a
+    staircase), then the rest. A square-root colour scale shows a dim's first half nat beside another's 8 nats."""
     from matplotlib.colors import PowerNorm
     from matplotlib.figure import Figure
     kl = torch.tensor([[r[f"kl_dim_{i}"] for r in rows] for i in range(latent_dim)])  # (D, rows)

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import common
 from conftest import QUICK, assert_rejected, load_script, read_rows, run_cli
@@ -261,3 +262,51 @@ def test_a_spike_is_seen_when_d_acts_from_step_0(gan04):
     rows = _rows([500.0, 480.0, 470.0], norm=[300.0, 320.0, 310.0], peak=[400.0, 450.0, 9000.0])
     assert gan04.collapse_symptoms(rows[:1], disc_start_step=0) == {}
     assert set(gan04.collapse_symptoms(rows, disc_start_step=0)) == {"gradient spike"}
+
+
+def test_grad_clip_bounds_the_decoder_gradient_the_optimizer_sees(gan04, tmp_path):
+    decoder = len(list(common.VAE(1, 32, 10, 32, centre_mu=True).decoder.parameters()))
+    seen = {}
+
+    def record(optimizer, args, kwargs):  # before every optimizer step: the VAE's ends with the decoder's parameters
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if optimizer.defaults["betas"] == (0.9, 0.999):  # not D's (0.5, 0.9)
+            seen.setdefault("norms", []).append(torch.stack([p.grad.norm() for p in params[-decoder:]]).norm().item())
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        for clip in [0.0, 1.0]:
+            seen.clear()
+            gan04.main([*QUICK, "--max-steps", "6", "--log-every", "1", "--disc-start", "0", "--lpips-random-backbone",
+                        "--grad-clip", str(clip), "--out", str(tmp_path / str(clip))])
+            logged = [r["dec_grad_norm"] for r in read_rows(tmp_path / str(clip) / "metrics.csv")]
+            assert min(logged) > 1.0  # the norm before clipping: the clip binds at every step
+            if clip:
+                assert max(seen["norms"]) <= 1.0 + 1e-5
+            else:
+                assert seen["norms"] == pytest.approx(logged, rel=1e-5)
+    finally:
+        handle.remove()
+
+
+def test_r1_penalty_against_finite_differences(gan04):
+    """E_real ||grad_x D(x)||^2, D(x) an image's mean patch logit, against central differences in float64."""
+    torch.manual_seed(0)
+    disc = gan04.PatchDiscriminator(1, 2, spectral_norm=False).double()
+    x = torch.randn(2, 1, 16, 16, dtype=torch.float64, requires_grad=True)
+    penalty = gan04.r1_penalty(disc(x), x)
+    grad, eps = torch.zeros_like(x), 1e-6
+    with torch.no_grad():
+        for i in range(x.numel()):
+            step = torch.zeros(x.numel(), dtype=torch.float64)
+            step[i] = eps
+            step = step.view_as(x)
+            change = disc(x + step).flatten(1).mean(1) - disc(x - step).flatten(1).mean(1)
+            grad.view(-1)[i] = change[i // x[0].numel()] / (2 * eps)
+    assert penalty.item() == pytest.approx(grad.pow(2).flatten(1).sum(1).mean().item(), rel=1e-6)
+    penalty.backward()  # create_graph: the penalty trains D's weights (a bias does not move grad_x D)
+    assert all(p.grad.abs().sum() > 0 for name, p in disc.named_parameters() if name.endswith("weight"))
+
+
+def test_clip_and_r1_flags_are_checked(tmp_path):
+    assert_rejected("04_vae_gan_warmup", "--grad-clip", "-1", "--out", tmp_path / "x", mentions="--grad-clip")
+    assert_rejected("04_vae_gan_warmup", "--r1-gamma", "1", "--compile", "--out", tmp_path / "x", mentions="--compile")

@@ -29,7 +29,8 @@ def load_run(folder, dataset=None):
     weights = state["model"]
     model = common.VAE(weights["decoder.conv_out.bias"].numel(), args.image_size, args.latent_dim, args.width,
                        args.recon, centre_mu="encoder.to_mu.0.running_mean" in weights,
-                       spatial=args.latent == "spatial", downsample=getattr(args, "downsample", 4))
+                       spatial=args.latent == "spatial", downsample=getattr(args, "downsample", 4),
+                       arch=getattr(args, "arch", "plain"))
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:  # written by another version of the scripts

@@ -8,9 +8,11 @@ the first direction holds nearly all of the curve's variance. A position coded a
 two dims, like a sine and a cosine of the position, splits the variance about evenly between two
 directions, and the curve turns most of the way round a circle in their plane. 02 uses it to
 explain why the dims of x and y switch on as a group of four. It draws both curves, each in its
-own plane, into position_code.png in the run folder.
+own plane, into position_code.png in the run folder, and prints MIG (Chen et al. 2018) and which true
+factor each dim that switched on knows most about.
 """
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -22,12 +24,35 @@ import common  # noqa: E402
 
 def checkpoint_codes(out):
     """(mu, true factors) of the shapes test images, recomputed from the run's checkpoint.pt: an
-    independent path to the codes that a script's summary.json scores (MIG, switch_on)."""
+    independent path to the codes of a shapes run."""
     _, a, model = load_run(out, dataset="shapes")  # true factors: known only for shapes
     _, test, factors = common.load_data(a)  # the run's own test set
     with torch.no_grad():
         mu = torch.cat([model.encoder(common.to_model_range(chunk, a.recon))[0] for chunk in test.split(500)])
     return mu, factors
+
+
+def factor_information(mu, factors, bins=20):
+    """What each latent dim knows about each true factor: mutual information between dim j of mu (N, D),
+    cut into `bins` equal-width bins, and factor k (N, K), over the factor's entropy -> (D, K) in [0, 1]."""
+    codes = ((mu - mu.min(0).values) / (mu.max(0).values - mu.min(0).values + 1e-12) * bins).long().clamp(max=bins - 1)
+
+    def mutual_information(a, b):  # discrete, in nats, from the joint histogram
+        joint = torch.bincount(a * (b.max() + 1) + b, minlength=int((a.max() + 1) * (b.max() + 1))).double()
+        joint = (joint / joint.sum()).view(int(a.max()) + 1, -1)
+        independent = joint.sum(1, keepdim=True) * joint.sum(0, keepdim=True)
+        return (joint * (joint / independent).log()).nan_to_num().sum().item()
+    entropy = [mutual_information(factors[:, k], factors[:, k]) for k in range(factors.shape[1])]  # I(v; v) = H(v)
+    return torch.tensor([[mutual_information(codes[:, j], factors[:, k]) / entropy[k] for k in range(factors.shape[1])]
+                         for j in range(mu.shape[1])])
+
+
+def mutual_information_gap(mu, factors, bins=20):
+    """MIG (Chen et al. 2018), the histogram estimate on mu as disentanglement_lib computes it: for each
+    factor, the gap between the two dims that know most about it -> (mean over factors, {factor: gap})."""
+    top2 = factor_information(mu, factors, bins).topk(2, dim=0).values  # (2, K)
+    gaps = {name: (top2[0, k] - top2[1, k]).item() for k, name in enumerate(common.SHAPE_FACTORS)}
+    return sum(gaps.values()) / len(gaps), gaps
 
 
 def curve_shape(mu, values, n_values):
@@ -49,6 +74,12 @@ def main():
     p.add_argument("run", help="a shapes run's output folder (it holds checkpoint.pt)")
     args = p.parse_args()
     mu, factors = checkpoint_codes(args.run)
+    info, names = factor_information(mu, factors), list(common.SHAPE_FACTORS)  # (D, K)
+    mig, gaps = mutual_information_gap(mu, factors)
+    print(f"MIG {mig:.3f} (" + ", ".join(f"{k} {v:.2f}" for k, v in gaps.items()) + ")")
+    for e in json.loads((Path(args.run) / "summary.json").read_text())["switch_on"]:
+        print(f"z{e['dim']} (switched on at step {e['step']}) knows most about {names[info[e['dim']].argmax()]}: "
+              f"{info[e['dim']].max():.2f} of its entropy")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
