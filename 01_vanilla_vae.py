@@ -99,7 +99,7 @@ def main(argv=None):
                 kl_dim=kl_per_dim)
 
     # ------------------------------------------------------------------------- evaluation and outputs
-    # train: the training images, for latent_scale_factor (1 / std of the codes; Stable Diffusion's: 0.18215)
+    # train: the training images, for latent_scale_factor (1 / std of the codes; Stable Diffusion's is a fixed 0.18215)
     metrics, _ = common.evaluate(model, test, lambda raw, x: recon_loss(raw, x, args.recon, args.decoder_std),
                                   device, args, train=train)
     run.finish(model, test, metrics,

@@ -2,11 +2,10 @@
 
 Under a Gaussian likelihood the best guess at an uncertain edge is the average of its positions: blur. LPIPS
 (Zhang et al. 2018) compares images through a fixed ImageNet network's features, weighted by learned "lin" heads:
-there a blur costs more than a plausible texture. Added per pixel value, as latent diffusion scales it (Rombach
-et al. 2022):  loss = [sum (x - m)^2 + lpips_weight * P * LPIPS] / (2 sigma^2) + gamma * |KL - C|,  P = x.numel().
-Where the code is unsure, the decoder now draws a texture instead of a blur: on shapes, whose outlines 25 nats
-cannot pin down, speckled blobs. The trap: lpips.LPIPS freezes only its backbone. Lin heads that reach an
-optimizer are driven below zero, the "distance" turns negative, and the decoder is paid to paint noise.
+there a blur costs more than a plausible texture. Added per pixel value, as latent diffusion scales it (its
+contperceptual.py):  loss = [sum (x - m)^2 + lpips_weight * P * LPIPS] / (2 sigma^2) + gamma * |KL - C|,  P = x.numel().
+Where the code is unsure, the decoder now draws a texture, not a blur (shapes: speckled blobs). The trap: lpips.LPIPS
+freezes only its backbone; lin heads in an optimizer go below zero, and the decoder is paid to paint noise.
 
 Run:   python 03_lpips_frozen.py                              # shapes, 64 px, ~4 min on a 2-core CPU
        python 03_lpips_frozen.py --unfreeze-lpips --epochs 1  # the incident

@@ -1,21 +1,15 @@
 r"""04 - An adversarial loss (PatchGAN) on top of 03, and the two guards that keep it from wrecking the decoder.
 
-A discriminator D judges 46-px patches real or fake; the decoder is rewarded for patches D takes for real: texture
-that looks real, not only close in LPIPS's features. D's opinion is priced per pixel value, like LPIPS in 03:
+A discriminator D judges 46-px patches real or fake (hinge loss on real and detached reconstructed images, its own
+Adam); the decoder is rewarded for patches D takes for real, priced per pixel value like LPIPS in 03:
     loss = L_rec + gamma * |KL - C| + lambda * L_adv,  L_adv = -P mean D(x_hat) / (2 sigma^2),  L_rec: 03's terms
-Added naively (D from step 0, a fixed lambda), D takes over within 50 steps: the decoder's gradient spikes, recon
-rebounds, D soon pulls harder than L_rec, the run warns, and PSNR ends 5.7 dB below a guarded run. Two guards from
-VQGAN each prevent it: warm-up (D is off until --disc-start: half the run, once C is at C_max), and the adaptive
-weight lambda = ||grad_W L_rec|| / ||grad_W L_adv|| * --disc-weight, W the decoder's last layer, the ratio clamped
-at 1e4, so that at W D's gradient is --disc-weight (0.1) times the reconstruction's (a fixed lambda that small
-prevents it too: the adaptive weight finds the size). Spectral norm on D alone does not prevent it.
-Latent diffusion writes L_adv = -mean D(x_hat) beside a pixel loss summed over the image: that ratio is 300-500 on
-shapes and ~60,000 on photos, so there its clamp binds and lambda stops adapting. Priced per pixel value it is
-~0.1, and the clamp binds only where D's gradient vanishes. At latent diffusion's --disc-weight 0.5 an adapting
-lambda lets D cost the photos 4 dB, hence 0.1. D learns at a tenth of the VAE's rate (latent diffusion: one rate).
-COLLAPSE WARNING lines: D outpulling the reconstruction over the whole decoder (metrics.csv: adv_rec_grad_ratio
-above 1), one step's decoder gradient 10x the usual (the rows logged before: the first row has none), or recon
-50% above its best since D started.
+Added naively (D from step 0, lambda fixed at 0.5), D takes over within 50 steps and PSNR ends 5.7 dB below a guarded
+run. Two guards from VQGAN each prevent it. Warm-up: D is off until --disc-start (half the run, after C reaches
+C_max), so it refines a decoder that already reconstructs. The adaptive weight: lambda = ||grad_W L_rec|| /
+||grad_W L_adv|| * --disc-weight (0.1) at the decoder's last layer W, the ratio clamped at 1e4 (it never bound here).
+Spectral norm alone does not prevent it; --grad-clip and --r1-gamma, off by default: the README's guard table.
+GAN COLLAPSE WARNING (the decoder giving way to D, not 01's posterior collapse): D's pull on the whole decoder
+(adv_rec_grad_ratio) above 1, a step's decoder gradient 10x the rows' median before, recon 50% above its best since D.
 
 Run:   python 04_vae_gan_warmup.py                   # shapes, all guards, 1,562 steps
        python 04_vae_gan_warmup.py --max-steps 300 --capacity-steps 150 --log-every 25 --disc-weight 0.5 \
@@ -55,16 +49,16 @@ def parse_args(argv=None):
                         help="lambda = --disc-weight, fixed, as a naive GAN has it (default: off)")
     parser.add_argument("--no-spectral-norm", action="store_true", help="D without spectral norm (default: off)")
     parser.add_argument("--disc-lr", type=float, default=1e-4, help="D's Adam learning rate (default: 0.0001)")
-    parser.add_argument("--grad-clip", type=float, default=0.0,
-                        help="clip the decoder's gradient to this norm before its step, 0 = off (default: 0)")
-    parser.add_argument("--r1-gamma", type=float, default=0.0,
-                        help="R1: add gamma/2 E_real ||grad_x D(x)||^2 to D's loss, 0 = off (default: 0)")
+    parser.add_argument("--grad-clip", type=float, default=0.0, help="decoder gradient norm cap (default: 0 = off)")
+    parser.add_argument("--r1-gamma", type=float, default=0.0, help="R1: gamma/2 E||grad_x D(x)||^2 (default: 0 = off)")
     args = common.parse_args(parser, argv)
     args.recon = "mse"  # from here on a Gaussian decoder: LPIPS compares images in [-1, 1]
-    if min(args.gamma, args.capacity_max, args.capacity_steps, args.lpips_weight, args.disc_weight,
-           args.disc_start or 0, args.grad_clip, args.r1_gamma) < 0 or args.disc_lr <= 0:
-        common.fail("--gamma, --capacity-max, --capacity-steps, --lpips-weight, --disc-weight, --disc-start, "
-                    "--grad-clip, --r1-gamma must not be negative, --disc-lr must be positive")
+    if min(args.gamma, args.capacity_max, args.capacity_steps) < 0:
+        common.fail("--gamma, --capacity-max and --capacity-steps must not be negative")
+    if args.lpips_weight < 0:
+        common.fail("--lpips-weight must not be negative")
+    if min(args.disc_weight, args.disc_start or 0, args.grad_clip, args.r1_gamma) < 0 or args.disc_lr <= 0:
+        common.fail("--disc-weight, --disc-start, --grad-clip, --r1-gamma must not be negative; --disc-lr positive")
     if args.r1_gamma and args.compile:
         common.fail("--r1-gamma backpropagates through a gradient, which torch.compile does not: drop --compile")
     return args
@@ -110,9 +104,8 @@ def adaptive_weight(rec_loss, adv_loss, last_layer, disc_weight, limit=1e4):
     """lambda = ||grad_W rec|| / (||grad_W adv|| + 1e-4), clamped to [0, limit], detached, times disc_weight: at the
     decoder's last layer W, D's gradient is then disc_weight times the reconstruction's, unless the clamp binds
     (where D's gradient vanishes; or, with an unpriced L_adv, against a summed pixel loss). -> (lambda, bound?)"""
-    # under torchrun: the gradients of the global batch's losses, the processes' mean, so lambda is one number
     rec_grad, adv_grad = (common.mean_over_processes(torch.autograd.grad(loss, last_layer, retain_graph=True)[0])
-                          for loss in (rec_loss, adv_loss))
+                          for loss in (rec_loss, adv_loss))  # the global batch's (torchrun): one lambda everywhere
     ratio = (rec_grad.norm() / (adv_grad.norm() + 1e-4)).detach()
     return ratio.clamp(0.0, limit) * disc_weight, ratio > limit
 
@@ -173,13 +166,12 @@ def main(argv=None):
     disc = PatchDiscriminator(train.shape[1], args.width, spectral_norm=not args.no_spectral_norm).to(device)
     disc_optimizer = torch.optim.Adam(disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9))  # as latent diffusion
     warnings_seen = {}  # symptom -> its first warning
-    negative_weight_step, negative_lpips_step, clamped_steps = (torch.zeros((), dtype=torch.long, device=device)
-                                                                for _ in range(3))
+    negative_weight_step, negative_lpips_step = (torch.zeros((), dtype=torch.long, device=device) for _ in range(2))
+    clamped_steps = torch.zeros((), dtype=torch.long, device=device)  # steps at which the adaptive weight's clamp bound
     run = common.Run(args, SCRIPT, device, train, test=test, perceptual=perceptual, model=model, optimizer=optimizer,
                      lpips_lins=perceptual.lins, negative_weight_step=negative_weight_step,
                      negative_lpips_step=negative_lpips_step, disc=disc, disc_optimizer=disc_optimizer,
-                     clamped_steps=clamped_steps,
-                     extra=lambda: {"warnings_seen": warnings_seen})
+                     clamped_steps=clamped_steps, extra=lambda: {"warnings_seen": warnings_seen})
     warnings_seen.update(run.resumed["warnings_seen"] if run.resumed else {})  # the collapse warnings so far
     # warm-up: D acts from this 0-based step on (by default half the run, once C has reached C_max)
     disc_start_step = max(args.capacity_steps, run.total_steps // 2) if args.disc_start is None else args.disc_start
@@ -190,7 +182,8 @@ def main(argv=None):
         from torch._functorch import config as functorch_config  # must not reuse or overwrite tensors a later pass
         from torch._inductor import config as inductor_config  # still reads (else an error, and, in torch 2.14,
         functorch_config.donated_buffer = inductor_config.inplace_buffers = False  # wrong gradients in early layers)
-    encoder, decoder, discriminator = common.prepare(args, model.encoder, model.decoder, disc)  # + DDP
+    encoder, decoder = common.prepare(args, model.encoder, model.decoder)  # --compile; DDP under torchrun
+    discriminator, = common.prepare(args, disc)
 
     for step in run.steps():
         x = common.to_model_range(run.batches(step), args.recon)  # (B, C, H, W), on the device already
@@ -238,9 +231,8 @@ def main(argv=None):
             with common.autocast(device, args):
                 x_real = x.detach().requires_grad_(args.r1_gamma > 0)  # R1 differentiates D(x) with respect to x
                 logits_real, logits_fake = discriminator(x_real).float(), discriminator(reconstruction.detach()).float()
-            d_loss = hinge_d_loss(logits_real, logits_fake)
-            if args.r1_gamma:
-                d_loss = d_loss + args.r1_gamma / 2 * r1_penalty(logits_real, x_real)
+            d_loss = hinge_d_loss(logits_real, logits_fake) + (args.r1_gamma / 2 * r1_penalty(logits_real, x_real)
+                                                               if args.r1_gamma else 0.0)  # R1, --r1-gamma
             disc_optimizer.zero_grad(set_to_none=True)
             d_loss.backward()
             disc_optimizer.step()
@@ -258,7 +250,7 @@ def main(argv=None):
         for symptom, message in (collapse_symptoms(run.rows, disc_start_step) if row else {}).items():
             if symptom not in warnings_seen:
                 warnings_seen[symptom] = f"step {row['step']}: {symptom}: {message}"
-                run.bar.write(f"COLLAPSE WARNING {warnings_seen[symptom]}")
+                run.bar.write(f"GAN COLLAPSE WARNING {warnings_seen[symptom]}")
 
     # ------------------------------------------------------------------------- evaluation and outputs
     # train: the training images, for BatchNorm's statistics and latent_scale_factor (1 / std of the codes)

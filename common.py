@@ -712,8 +712,8 @@ def evaluate(model, test, recon_loss, device, args, extra=None, train=None, max_
         mus, logvars = mus + [mu.cpu()], logvars + [logvar.cpu()]
     n, total, squares = 0, 0.0, 0.0  # count, sum, sum of squares of the training codes: never every code at once
     for c in train[:max_images].split(eval_chunk(train)) if train is not None else []:
-        with autocast(device, args):  # 1 / their std is latent_scale_factor: Stable Diffusion multiplies its
-            z = model.encoder(to_model_range(c.to(device), model.recon))[0].double()  # latents by it (0.18215)
+        with autocast(device, args):  # 1 / their std is latent_scale_factor (Stable Diffusion's: a fixed 0.18215,
+            z = model.encoder(to_model_range(c.to(device), model.recon))[0].double()  # v1-inference.yaml scale_factor)
         n, total, squares = n + z.numel(), total + z.sum().item(), squares + z.pow(2).sum().item()
     model.train()
     metrics, mu = {k: (v / len(test)).tolist() for k, v in sums.items()}, torch.cat(mus)

@@ -267,7 +267,7 @@ def test_evaluate_against_direct_computation():
     train = (torch.rand(1100, 1, 32, 32) * 255).to(torch.uint8)  # two chunks: 1,024 + 76 images
     metrics, _ = common.evaluate(model, test, sse, torch.device("cpu"), EvalArgs, train=train)
     model.eval()
-    with torch.no_grad():  # Stable Diffusion's factor: 1 / std of every value of z = mu over the training images
+    with torch.no_grad():  # the scale factor as defined here: 1 / std of every value of z = mu over the training images
         expected = 1 / model.encoder(train.float() / 127.5 - 1)[0].flatten().std().item()
     assert metrics["latent_scale_factor"] == pytest.approx(expected, rel=1e-5)
     torch.testing.assert_close(mu, mu_ref)

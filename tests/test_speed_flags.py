@@ -14,7 +14,8 @@ from conftest import photo_folder, read_rows, run_cli
 CHAPTERS = [("01_vanilla_vae", []),
             ("02_burgess_capacity", ["--latent", "vector"]),
             ("03_lpips_frozen", ["--latent", "vector", "--lpips-random-backbone"]),
-            ("04_vae_gan_warmup", ["--latent", "vector", "--lpips-random-backbone", "--disc-start", "0"])]
+            ("04_vae_gan_warmup", ["--latent", "vector", "--lpips-random-backbone", "--disc-start", "0"]),
+            pytest.param("01_vanilla_vae", ["--arch", "sd"], marks=pytest.mark.slow, id="01-sd")]  # SD's blocks
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def photos(tmp_path_factory):
     return photo_folder(tmp_path_factory.mktemp("speed") / "photos", n_train=24, n_test=8, size=16)
 
 
-@pytest.mark.parametrize("script, extra", CHAPTERS, ids=["01", "02", "03", "04"])
+@pytest.mark.parametrize("script, extra", CHAPTERS, ids=["01", "02", "03", "04", "01-sd"])
 def test_compile_trains_to_eagers_losses(photos, tmp_path, script, extra):
     flags = ["--dataset", "folder", "--data-dir", photos, "--image-size", "16", "--batch-size", "8",
              "--max-steps", "3", "--log-every", "1", *extra]

@@ -5,7 +5,8 @@
 RUN_OR_FILE is a run folder (its autoencoder.pt is used) or an autoencoder.pt. Every image below --data-dir
 (png, jpg, jpeg, bmp, webp), in sorted path order, is centre-cropped and resized to the size the autoencoder
 was trained at, encoded, and its mean code mu multiplied by latent_scale_factor, so the latents have unit
-std on the training images (Stable Diffusion's 0.18215 is this number for its autoencoder). latents.pt holds
+std on the training images (Stable Diffusion uses a fixed 0.18215: stable-diffusion's v1-inference.yaml
+scale_factor). latents.pt holds
 {"latents": (N, *latent shape) float32, "files": [paths], "latent_scale_factor": float}. Back to pictures:
 
     model = common.load_autoencoder("runs/.../autoencoder.pt")
