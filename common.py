@@ -192,14 +192,12 @@ def draw_shapes(factors, size):
     dy = (rows.unsqueeze(2) + 0.5) / size - centre_y  # (N, 2 half, 1)
     u = (torch.cos(angle) * dx + torch.sin(angle) * dy) / radius  # (N, 2 half, 2 half), shape's frame
     v = (-torch.sin(angle) * dx + torch.cos(angle) * dy) / radius
-    square = torch.maximum(u.abs(), v.abs()) <= 0.8
-    ellipse = u ** 2 + (v / 0.5) ** 2 <= 1
+    square, ellipse = torch.maximum(u.abs(), v.abs()) <= 0.8, u ** 2 + (v / 0.5) ** 2 <= 1
     hx, hy = 1.1 * u, -1.1 * v + 0.1  # the heart curve (x^2 + y^2 - 1)^3 <= x^2 y^3, upright
     heart = (hx ** 2 + hy ** 2 - 1) ** 3 - hx ** 2 * hy ** 3 <= 0
     shape = factors[:, 0].view(-1, 1, 1)
     inside = torch.where(shape == 0, square, torch.where(shape == 1, ellipse, heart))
-    images = torch.zeros(len(factors), size, size, dtype=torch.uint8)
-    index = torch.arange(len(factors)).view(-1, 1, 1)
+    images, index = torch.zeros(len(factors), size, size, dtype=torch.uint8), torch.arange(len(factors)).view(-1, 1, 1)
     images[index, rows.unsqueeze(2), cols.unsqueeze(1)] = inside.to(torch.uint8) * 255
     return images.unsqueeze(1)
 
@@ -296,9 +294,8 @@ def load_folder(root, size):
         for old in (root / ".decoded").glob(f"{size}px-*"):  # the folder changed: its old decoding goes
             shutil.rmtree(old)
         decode_folder(root, size, cache)
-    files = [cache / f"{name}.u8" for name in ("train", "test")]
     return [torch.from_file(str(f), shared=False, size=f.stat().st_size, dtype=torch.uint8).view(-1, 3, size, size)
-            for f in files]
+            for f in (cache / "train.u8", cache / "test.u8")]
 
 def load_celeba(root, size):
     """torchvision's CelebA layout; a 148 x 148 box at the image's centre, resized; decoded once, cached."""
@@ -405,8 +402,7 @@ class SpatialEncoder(Encoder):
         self.features = nn.Sequential(nn.Conv2d(channels, width, 4, 2, 1), nn.ReLU(),  # receptive field 4 px
                                       nn.Conv2d(width, 2 * width, 4, 2, 1), nn.ReLU(), *f8,  # 10 px
                                       nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU())  # 18 px
-        self.to_mu = nn.Conv2d(2 * width, latent_channels, 1)
-        self.to_logvar = nn.Conv2d(2 * width, latent_channels, 1)
+        self.to_mu, self.to_logvar = nn.Conv2d(2 * width, latent_channels, 1), nn.Conv2d(2 * width, latent_channels, 1)
 
 class SpatialDecoder(nn.Module):
     """z (B, c, H/f, W/f) -> raw output (B, C, H, W). Upsampling repeats pixels, then convolves, as Stable Diffusion's
@@ -493,8 +489,7 @@ class SDDecoder(nn.Module):
         self.conv_out = nn.Conv2d(width, channels, 3, padding=1)  # no activation
 
     def forward(self, z):
-        h = self.up(self.mid(self.conv_in(self.post_quant_conv(z))))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(self.up(self.mid(self.conv_in(self.post_quant_conv(z)))))))
 
 class VAE(nn.Module):
     """An encoder (x -> mu, logvar), a decoder (z -> logits for recon='bce', pre-tanh for 'mse'). channel_mean (C,) in
@@ -592,8 +587,7 @@ def load_lpips(net, random_backbone, device, required=True):
 def build_lpips(net, random_backbone, device, required=True):
     """load_lpips' work. The ImageNet backbone: torchvision's file, else tools.lpips_weights', else a download, else
     exit 2. required=False: (None, None) without a file. Torch's random state is kept: the next model is the same."""
-    import io, warnings  # noqa: E401
-    import lpips
+    import io, warnings, lpips  # noqa: E401
     cached, converted, url = lpips_files(net)
     if not (random_backbone or required or cached.exists() or converted.exists()):
         return None, None
@@ -603,8 +597,7 @@ def build_lpips(net, random_backbone, device, required=True):
             warnings.simplefilter("ignore")
             perceptual = lpips.LPIPS(net=net, pnet_rand=random_backbone or use_converted, verbose=False)
             if use_converted:  # torchvision's `features` state dict; LPIPS keeps layer i as slice<k>.<i>
-                state = torch.load(converted, map_location="cpu", weights_only=True)
-                names = perceptual.net.state_dict()
+                state, names = torch.load(converted, map_location="cpu", weights_only=True), perceptual.net.state_dict()
                 perceptual.net.load_state_dict({k: state["features." + k.split(".", 1)[1]] for k in names})
     except Exception as e:  # offline download (URLError), truncated or foreign file (RuntimeError, KeyError, ...)
         what = f"cannot load {converted}" if use_converted else f"cannot load or download {cached}"
@@ -616,8 +609,7 @@ def build_lpips(net, random_backbone, device, required=True):
     return perceptual.to(device), "random" if random_backbone else str(converted if use_converted else cached)
 
 def lpips_distance(perceptual, reconstruction, x):
-    """LPIPS per image, (B,), inputs in [-1, 1]. Grey images are repeated to 3 channels; images under
-    32 px are enlarged, as AlexNet-LPIPS's pooling needs at least 32 x 32."""
+    """LPIPS per image (B,), inputs in [-1, 1]; grey to 3 channels; under 32 px enlarged: AlexNet needs 32 x 32."""
     if x.shape[1] == 1:
         reconstruction, x = reconstruction.expand(-1, 3, -1, -1), x.expand(-1, 3, -1, -1)
     if x.shape[-1] < 32:
@@ -644,8 +636,7 @@ def frechet_distance(mean1, cov1, mean2, cov2):
 @torch.no_grad()
 def vgg_scores(vgg, pairs):
     """LPIPS-VGG and FD-VGG of (originals, reconstructions) pairs in [-1, 1] -> {test_lpips_vgg, test_fd_vgg}. FD-VGG:
-    the Frechet distance between the sets' VGG16 relu4_3 features, each 8 x 8 pixel patch a 512-value sample (rFID's
-    recipe, VGG for Inception: blur and made-up texture both show), read from LPIPS-VGG's own pass."""
+    rFID with VGG16 relu4_3 features (LPIPS-VGG's pass) for Inception's, each 8 x 8 px patch a 512-value sample."""
     features, total, count = [], 0.0, 0
     hook = vgg.net.slice4.register_forward_hook(lambda module, inputs, output: features.append(output))
     moments = [[0.0, 0.0, 0] for _ in range(2)]  # per set: the sum of the samples, of their outer products, count
@@ -667,8 +658,7 @@ def power_spectrum(images):
 def spectrum_metrics(power_recon, power_data):
     """Power spectra (H, W) -> hf_power_ratio (power above 1/4 cycle per pixel, reconstructions over originals) and
     spectrum_error: mean over rings r = 1 .. H/2 of |log10 P_recon(r) - log10 P_data(r)|; blur and noise raise it."""
-    h = power_data.shape[0]
-    f = torch.fft.fftfreq(h, dtype=torch.float64)
+    f = torch.fft.fftfreq(h := power_data.shape[0], dtype=torch.float64)
     radius = (f.view(-1, 1) ** 2 + f.view(1, -1) ** 2).sqrt()  # cycles per pixel
     hf_power_ratio = (power_recon[radius > 0.25].sum() / power_data[radius > 0.25].sum()).item()
     ring = (radius * h).round().long().flatten()
@@ -846,9 +836,8 @@ class Run:
             self.rows.append(row)
             self.write_rows("metrics.csv", self.rows) if rank() == 0 else None  # rank 0 alone writes
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "recon", "kl", "lpips")})
-            self.sums = self.peaks = None
-            self.count, self.numbers, self.train_time = 0, {}, self.train_time + elapsed
-            self.timer, self.timed_steps = time.perf_counter(), 0
+            self.sums, self.peaks, self.count, self.numbers = None, None, 0, {}
+            self.train_time, self.timer, self.timed_steps = self.train_time + elapsed, time.perf_counter(), 0
         every = self.args.checkpoint_every
         if done % self.steps_per_epoch == 0 or done == self.total_steps or (every and done % every == 0):
             modules = [p for obj in self.state.values() if isinstance(obj, nn.Module) for p in obj.parameters()]
@@ -940,8 +929,7 @@ def save_pictures(out, model, test, device, kl_per_dim=None, recon_only=False):
     cols = min(8, len(test))
     x = test[:cols * min(4, len(test) // cols)].to(device)  # whole rows of `cols` images
     mu, originals = model.encoder(to_model_range(x, model.recon))[0], x.float() / 255
-    recons = decode(mu)
-    rows = torch.stack([originals.view(-1, cols, *x.shape[1:]), recons.view(-1, cols, *x.shape[1:])], 1)
+    rows = torch.stack([originals.view(-1, cols, *x.shape[1:]), decode(mu).view(-1, cols, *x.shape[1:])], 1)
     save_grid(out / "recon.png", rows.flatten(0, 2), nrow=cols)  # originals above their reconstructions
     if recon_only:  # --eval-every
         model.train()
