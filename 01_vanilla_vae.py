@@ -7,7 +7,7 @@ wide against this model's errors (summary.json: effective_beta 33, beta against 
 the decoder averages away what the small code does not hold. Posterior collapse (Lucas et al. 2019): the KL wins,
 q(z|x) = N(0, I); the run warns at a KL under 1 nat or at most one dim above 0.1 nat. Fix: smaller --beta, --free-bits.
 
-Run:   python 01_vanilla_vae.py                              # shapes, 64 px, ~4 min on a 2-core CPU
+Run:   python 01_vanilla_vae.py                              # shapes, 64 px, ~2 min on a 2-core CPU
        python 01_vanilla_vae.py --beta 50 --max-steps 300    # posterior collapse, and its warning
 See:   runs/01_vanilla_vae/<dataset>-<time>/: recon.png, samples.png, curves.png, summary.json (PSNR 24.4 dB).
 Papers: Kingma & Welling 2014; Lucas et al. 2019; Sønderby et al. 2016; Fu et al. 2019; Kingma et al. 2016.
@@ -84,7 +84,7 @@ def main(argv=None):
         with common.autocast(device, args):
             mu, logvar = encoder(x)  # q(z|x) = N(mu, exp(logvar)), one Gaussian per latent dim
             # the reparameterization trick: z ~ q(z|x) as a differentiable function of mu and s = exp(logvar / 2)
-            z = mu + torch.exp(0.5 * logvar) * common.randn_like(mu)
+            z = mu + torch.exp(0.5 * logvar) * common.randn_like(mu)  # torch.randn_like, torchrun-proof
             raw = decoder(z)
         recon = recon_loss(raw.float(), x, args.recon, args.decoder_std).mean()  # nats per image
         # KL(N(mu, s^2) || N(0, 1)) = 1/2 (mu^2 + s^2 - 1 - log s^2), s^2 = exp(logvar), per dim, batch mean, (D,)
@@ -101,7 +101,7 @@ def main(argv=None):
     # ------------------------------------------------------------------------- evaluation and outputs
     # train: the training images, for latent_scale_factor (1 / std of the codes; Stable Diffusion's is a fixed 0.18215)
     metrics, _ = common.evaluate(model, test, lambda raw, x: recon_loss(raw, x, args.recon, args.decoder_std),
-                                  device, args, train=train)
+                                 device, args, train=train)
     run.finish(model, test, metrics,
                [("loss (nats/image)", ["loss"]), ("reconstruction", ["recon"]),
                 ("KL split (nats)", ["kl", "info_bound", "kl_scale", "kl_offset"]), ("KL weight", ["beta"])],

@@ -7,7 +7,7 @@ one. The KL pays for one shift of every code (offset), codes spread wider or nar
 information (info_bound bounds it; common.kl_split). C is bought by the cheapest route, so a code vector's mu is
 centred (BatchNorm, nothing after it): no offset. The scale route stays open, and the measure shows what it takes.
 
-Run:   python 02_burgess_capacity.py                  # shapes, 64 px, ~4 min on a 2-core CPU: KL 24.9, info <= 16.9
+Run:   python 02_burgess_capacity.py                  # shapes, 64 px: KL 24.9, info <= 16.9
        python 02_burgess_capacity.py --no-centring    # KL 24.6 nats, 22.7 of them offset: info 0.0
 See:   runs/02_burgess_capacity/<dataset>-<time>/: curves.png (KL against C), kl_per_dim.png, traversals.png.
 Papers: Burgess et al. 2018; Higgins et al. 2017 (beta-VAE, and the encoder's layer sizes).
@@ -71,7 +71,7 @@ def main(argv=None):
         with common.autocast(device, args):
             mu, logvar = encoder(x)  # q(z|x) = N(mu, exp(logvar)), one Gaussian per latent dim
             # the reparameterization trick: z ~ q(z|x) as a differentiable function of mu and s = exp(logvar / 2)
-            z = mu + torch.exp(0.5 * logvar) * common.randn_like(mu)
+            z = mu + torch.exp(0.5 * logvar) * common.randn_like(mu)  # torch.randn_like, torchrun-proof
             raw = decoder(z)
         recon = recon_loss(raw.float(), x, args.recon, args.decoder_std).mean()  # nats per image
         # KL(N(mu, s^2) || N(0, 1)) = 1/2 (mu^2 + s^2 - 1 - log s^2), s^2 = exp(logvar), per dim, batch mean, (D,)
@@ -88,7 +88,7 @@ def main(argv=None):
     # ------------------------------------------------------------------------- evaluation and outputs
     # train: the training images, for BatchNorm's statistics and latent_scale_factor (1 / std of the codes)
     metrics, _ = common.evaluate(model, test, lambda raw, x: recon_loss(raw, x, args.recon, args.decoder_std),
-                                  device, args, train=train)
+                                 device, args, train=train)
     ramp = torch.tensor([[r["kl"], r["capacity"]] for r in run.rows if r["step"] <= args.capacity_steps])
     follows = {"kl_capacity_correlation": torch.corrcoef(ramp.T)[0, 1].item(),  # does the KL follow C, in shape
                "kl_capacity_gap": (ramp[:, 0] - ramp[:, 1]).abs().mean().item()} if len(ramp) > 2 else {}  # in nats

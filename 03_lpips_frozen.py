@@ -7,7 +7,7 @@ contperceptual.py):  loss = [sum (x - m)^2 + lpips_weight * P * LPIPS] / (2 sigm
 Where the code is unsure, the decoder now draws a texture, not a blur (shapes: speckled blobs). The trap: lpips.LPIPS
 freezes only its backbone; lin heads in an optimizer go below zero, and the decoder is paid to paint noise.
 
-Run:   python 03_lpips_frozen.py                              # shapes, 64 px, ~4 min on a 2-core CPU
+Run:   python 03_lpips_frozen.py                              # shapes, 64 px, ~2 min on a 2-core CPU
        python 03_lpips_frozen.py --unfreeze-lpips --epochs 1  # the incident
 See:   runs/03_lpips_frozen/<dataset>-<time>/: recon.png, summary.json: test_lpips (the net trained against),
        test_lpips_vgg (VGG16). Against 02 on this schedule: LPIPS-VGG 0.175 (0.199), PSNR 21.2 dB (21.9).
@@ -22,7 +22,7 @@ SCRIPT = Path(__file__).stem
 
 
 def parse_args(argv=None):
-    parser = common.base_parser(SCRIPT, __doc__, steps=750)  # 02's 3,000 / 4, C's ramp too: a CPU run of ~4 min
+    parser = common.base_parser(SCRIPT, __doc__, steps=750)  # 02's 3,000 / 4, C's ramp too: a CPU run of ~2 min
     parser.add_argument("--gamma", type=float, default=100.0, help="weight of |KL - C| (default: 100)")
     parser.add_argument("--capacity-max", type=float, default=None, help="C_max, nats (default: 25; 1.5 per map value)")
     parser.add_argument("--capacity-steps", type=int, default=500, help="steps for C to reach C_max (default: 500)")
@@ -87,7 +87,7 @@ def main(argv=None):
         with common.autocast(device, args):
             mu, logvar = encoder(x)  # q(z|x) = N(mu, exp(logvar)), one Gaussian per latent dim
             # the reparameterization trick: z ~ q(z|x) as a differentiable function of mu and s = exp(logvar / 2)
-            z = mu + torch.exp(0.5 * logvar) * common.randn_like(mu)
+            z = mu + torch.exp(0.5 * logvar) * common.randn_like(mu)  # torch.randn_like, torchrun-proof
             raw = decoder(z)
         recon = recon_loss(raw.float(), x, args.decoder_std).mean()  # nats per image
         perceptual_per_image = common.lpips_distance(perceptual, torch.tanh(raw.float()), x)  # (B,), in float32
@@ -111,8 +111,8 @@ def main(argv=None):
     # ------------------------------------------------------------------------- evaluation and outputs
     # train: the training images, for BatchNorm's statistics and latent_scale_factor (1 / std of the codes)
     metrics, _ = common.evaluate(model, test, lambda raw, x: recon_loss(raw, x, args.decoder_std),
-                                  device, args, train=train,
-                                  extra=lambda x, mean: {"test_lpips": common.lpips_distance(perceptual, mean, x)})
+                                 device, args, train=train,
+                                 extra=lambda x, mean: {"test_lpips": common.lpips_distance(perceptual, mean, x)})
     if lpips_vgg is not None:  # on 1,000 test images: a VGG step costs ~45x AlexNet's (docs/speed.md)
         metrics.update(common.vgg_scores(lpips_vgg, common.reconstructions(model, test[:1000], device, args)))
     ramp = torch.tensor([[r["kl"], r["capacity"]] for r in run.rows if r["step"] <= args.capacity_steps])

@@ -3,15 +3,15 @@ r"""04 - An adversarial loss (PatchGAN) on top of 03, and the two guards that ke
 A discriminator D judges 46-px patches real or fake (hinge loss on real and detached reconstructed images, its own
 Adam); the decoder is rewarded for patches D takes for real, priced per pixel value like LPIPS in 03:
     loss = L_rec + gamma * |KL - C| + lambda * L_adv,  L_adv = -P mean D(x_hat) / (2 sigma^2),  L_rec: 03's terms
-Added naively (D from step 0, lambda fixed at 0.5), D takes over within 50 steps and PSNR ends 5.7 dB below a guarded
-run. Two guards from VQGAN each prevent it. Warm-up: D is off until --disc-start (half the run, after C reaches
-C_max), so it refines a decoder that already reconstructs. The adaptive weight: lambda = ||grad_W L_rec|| /
+Added naively (D from step 0, lambda fixed at 0.5, no spectral norm), D takes over within 50 steps and PSNR ends
+5.7 dB below a guarded run. Two guards from VQGAN each prevent it. Warm-up: D is off until --disc-start (half the
+run, after C reaches C_max), so it refines a decoder that already reconstructs. The adaptive weight: lambda = ||grad_W L_rec|| /
 ||grad_W L_adv|| * --disc-weight (0.1) at the decoder's last layer W, the ratio clamped at 1e4 (it never bound here).
-Spectral norm alone does not prevent it; --grad-clip and --r1-gamma, off by default: the README's guard table.
+Spectral norm on D (on by default) alone does not; --grad-clip and --r1-gamma (off): the README's guard table.
 GAN COLLAPSE WARNING (the decoder giving way to D, not 01's posterior collapse): D's pull on the whole decoder
 (adv_rec_grad_ratio) above 1, a step's decoder gradient 10x the rows' median before, recon 50% above its best since D.
 
-Run:   python 04_vae_gan_warmup.py                   # shapes, all guards, 1,562 steps
+Run:   python 04_vae_gan_warmup.py                   # shapes, both guards and spectral norm, 1,562 steps
        python 04_vae_gan_warmup.py --max-steps 300 --capacity-steps 150 --log-every 25 --disc-weight 0.5 \
            --disc-start 0 --no-adaptive-weight --no-spectral-norm  # the failure, on purpose: 3 warnings, 13.7 dB
 See:   runs/04_vae_gan_warmup/<dataset>-<time>/: curves.png (dashed: D starts), recon.png, summary.json. README.
@@ -49,8 +49,10 @@ def parse_args(argv=None):
                         help="lambda = --disc-weight, fixed, as a naive GAN has it (default: off)")
     parser.add_argument("--no-spectral-norm", action="store_true", help="D without spectral norm (default: off)")
     parser.add_argument("--disc-lr", type=float, default=1e-4, help="D's Adam learning rate (default: 0.0001)")
-    parser.add_argument("--grad-clip", type=float, default=0.0, help="decoder gradient norm cap (default: 0 = off)")
-    parser.add_argument("--r1-gamma", type=float, default=0.0, help="R1: gamma/2 E||grad_x D(x)||^2 (default: 0 = off)")
+    parser.add_argument("--grad-clip", type=float, default=0.0, help="cap on the decoder's gradient norm, from step 0; "
+                        "its norms here are ~1e3 (default: 0 = off)")
+    parser.add_argument("--r1-gamma", type=float, default=0.0, help="R1 weight g: g/2 E_real ||grad_x D(x)||^2, D(x) "
+                        "the mean patch logit (default: 0 = off)")
     args = common.parse_args(parser, argv)
     args.recon = "mse"  # from here on a Gaussian decoder: LPIPS compares images in [-1, 1]
     if min(args.gamma, args.capacity_max, args.capacity_steps) < 0:
@@ -194,7 +196,7 @@ def main(argv=None):
         with common.autocast(device, args):
             mu, logvar = encoder(x)  # q(z|x) = N(mu, exp(logvar)), one Gaussian per latent dim
             # the reparameterization trick: z ~ q(z|x) as a differentiable function of mu and s = exp(logvar / 2)
-            z = mu + torch.exp(0.5 * logvar) * common.randn_like(mu)
+            z = mu + torch.exp(0.5 * logvar) * common.randn_like(mu)  # torch.randn_like, torchrun-proof
             raw = decoder(z)
         recon = recon_loss(raw.float(), x, args.decoder_std).mean()  # nats per image
         reconstruction = torch.tanh(raw.float())  # the decoder's mean, in [-1, 1], for LPIPS and D
@@ -223,7 +225,7 @@ def main(argv=None):
             loss = loss + weight * adv_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        # the decoder's gradient norm, watched for spikes; --grad-clip scales the gradient down to that norm at most
+        # the decoder's gradient norm, watched for spikes; with --grad-clip G the gradient is scaled to norm <= G
         dec_grad_norm = nn.utils.clip_grad_norm_(model.decoder.parameters(), args.grad_clip or float("inf"))
         optimizer.step()
         if d_on:  # D's step, on detached reconstructions: it must not train the decoder
@@ -255,8 +257,8 @@ def main(argv=None):
     # ------------------------------------------------------------------------- evaluation and outputs
     # train: the training images, for BatchNorm's statistics and latent_scale_factor (1 / std of the codes)
     metrics, _ = common.evaluate(model, test, lambda raw, x: recon_loss(raw, x, args.decoder_std),
-                                  device, args, train=train,
-                                  extra=lambda x, mean: {"test_lpips": common.lpips_distance(perceptual, mean, x)})
+                                 device, args, train=train,
+                                 extra=lambda x, mean: {"test_lpips": common.lpips_distance(perceptual, mean, x)})
     if lpips_vgg is not None:  # on 1,000 test images: a VGG step costs ~45x AlexNet's (docs/speed.md)
         metrics.update(common.vgg_scores(lpips_vgg, common.reconstructions(model, test[:1000], device, args)))
     ramp = torch.tensor([[r["kl"], r["capacity"]] for r in run.rows if r["step"] <= args.capacity_steps])

@@ -121,7 +121,8 @@ def autocast(device, args):
 
 # ----------------------------------------------------------------------------- more than one process (torchrun)
 # `torchrun --nproc_per_node=N script.py` starts N copies. Each trains on its slice of every global batch (Batches);
-# DDP averages their gradients (prepare): the step one process takes on the whole batch. Rank 0 alone writes.
+# DDP averages their gradients (prepare): the step one process takes on the whole batch (on a CPU a code vector's
+# centring aside: it normalises each slice by its own statistics). Rank 0 alone writes.
 rank = lambda: dist.get_rank() if dist.is_initialized() else 0  # noqa: E731  this process's number, 0 to N - 1
 world_size = lambda: dist.get_world_size() if dist.is_initialized() else 1  # noqa: E731  N
 
@@ -734,9 +735,9 @@ def save_atomic(path, obj):
     torch.save(obj, Path(path).with_suffix(".tmp"))
     os.replace(Path(path).with_suffix(".tmp"), path)
 
-def save_checkpoint(path, **state):
+def save_checkpoint(path, **state):  # the RNG of the GPU this process uses (under torchrun every rank's is the same)
     save_atomic(path, dict(state, rng=torch.get_rng_state(),
-                           cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
+                           cuda_rng=[torch.cuda.get_rng_state()] if torch.cuda.is_available() else []))
 
 def load_checkpoint(path):
     try:
@@ -775,7 +776,7 @@ class Run:
                                      for k in ("sums", "peaks")]
             torch.set_rng_state(self.resumed["rng"])
             if self.resumed["cuda_rng"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(self.resumed["cuda_rng"])
+                torch.cuda.set_rng_state(self.resumed["cuda_rng"][0])  # this process's GPU
             self.numbers, self.rows, self.evals = (self.resumed[k] for k in ("numbers", "rows", "evals"))
         print(f"{args.dataset}: {len(train)} training images, {self.total_steps} steps on {device}"
               + (f" in {self.world} processes" if self.world > 1 else "") + f"; output: {self.out}")
@@ -800,7 +801,7 @@ class Run:
         yield from range(self.start_step, self.total_steps)
         if dist.is_initialized():
             dist.destroy_process_group()
-            sys.exit(0) if os.environ["RANK"] != "0" else None
+            sys.exit(0) if os.environ["RANK"] != "0" else torch.set_num_threads(len(os.sched_getaffinity(0)))
 
     def ends_row(self, step):
         """Whether step `step` (0-based) ends with a metrics row."""
