@@ -5,8 +5,9 @@ Adam); the decoder is rewarded for patches D takes for real, priced per pixel va
     loss = L_rec + gamma * |KL - C| + lambda * L_adv,  L_adv = -P mean D(x_hat) / (2 sigma^2),  L_rec: 03's terms
 Added naively (D from step 0, lambda fixed at 0.5, no spectral norm), D takes over within 50 steps and PSNR ends
 5.7 dB below a guarded run. Two guards from VQGAN each prevent it. Warm-up: D is off until --disc-start (half the
-run, after C reaches C_max), so it refines a decoder that already reconstructs. The adaptive weight: lambda = ||grad_W L_rec|| /
-||grad_W L_adv|| * --disc-weight (0.1) at the decoder's last layer W, the ratio clamped at 1e4 (it never bound here).
+run, after C reaches C_max), so it refines a decoder that already reconstructs. The adaptive weight: lambda =
+||grad_W L_rec|| / ||grad_W L_adv|| * --disc-weight (0.1) at the decoder's last layer W, the ratio clamped at 1e4
+(it never bound here).
 Spectral norm on D (on by default) alone does not; --grad-clip and --r1-gamma (off): the README's guard table.
 GAN COLLAPSE WARNING (the decoder giving way to D, not 01's posterior collapse): D's pull on the whole decoder
 (adv_rec_grad_ratio) above 1, a step's decoder gradient 10x the rows' median before, recon 50% above its best since D.
