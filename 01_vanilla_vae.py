@@ -84,7 +84,7 @@ def main(argv=None):
         with common.autocast(device, args):
             mu, logvar = encoder(x)  # q(z|x) = N(mu, exp(logvar)), one Gaussian per latent dim
             # the reparameterization trick: z ~ q(z|x) as a differentiable function of mu and s = exp(logvar / 2)
-            z = mu + torch.exp(0.5 * logvar) * common.randn_like(mu)  # torch.randn_like, torchrun-proof
+            z = mu + torch.exp(0.5 * logvar) * common.randn_like(mu)  # torch.randn_like; under torchrun too
             raw = decoder(z)
         recon = recon_loss(raw.float(), x, args.recon, args.decoder_std).mean()  # nats per image
         # KL(N(mu, s^2) || N(0, 1)) = 1/2 (mu^2 + s^2 - 1 - log s^2), s^2 = exp(logvar), per dim, batch mean, (D,)

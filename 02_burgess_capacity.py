@@ -5,7 +5,7 @@ target C:  loss = recon + gamma * |KL - C|,  C rising linearly from 0 to C_max, 
 KL follows C, and while C is small its few nats go where they help most: dims switch on (KL > 0.5 nats) one by
 one. The KL pays for one shift of every code (offset), codes spread wider or narrower than N(0, 1) (scale), and
 information (info_bound bounds it; common.kl_split). C is bought by the cheapest route, so a code vector's mu is
-centred (BatchNorm, nothing after it): no offset. The scale route stays open, and the measure shows what it takes.
+centred (BatchNorm with no bias after it): no offset. The scale route stays open, and the measure shows what it takes.
 
 Run:   python 02_burgess_capacity.py                  # shapes, 64 px: KL 24.9, info <= 16.9
        python 02_burgess_capacity.py --no-centring    # KL 24.6 nats, 22.7 of them offset: info 0.0
@@ -71,7 +71,7 @@ def main(argv=None):
         with common.autocast(device, args):
             mu, logvar = encoder(x)  # q(z|x) = N(mu, exp(logvar)), one Gaussian per latent dim
             # the reparameterization trick: z ~ q(z|x) as a differentiable function of mu and s = exp(logvar / 2)
-            z = mu + torch.exp(0.5 * logvar) * common.randn_like(mu)  # torch.randn_like, torchrun-proof
+            z = mu + torch.exp(0.5 * logvar) * common.randn_like(mu)  # torch.randn_like; under torchrun too
             raw = decoder(z)
         recon = recon_loss(raw.float(), x, args.recon, args.decoder_std).mean()  # nats per image
         # KL(N(mu, s^2) || N(0, 1)) = 1/2 (mu^2 + s^2 - 1 - log s^2), s^2 = exp(logvar), per dim, batch mean, (D,)

@@ -197,7 +197,7 @@ def main(argv=None):
         with common.autocast(device, args):
             mu, logvar = encoder(x)  # q(z|x) = N(mu, exp(logvar)), one Gaussian per latent dim
             # the reparameterization trick: z ~ q(z|x) as a differentiable function of mu and s = exp(logvar / 2)
-            z = mu + torch.exp(0.5 * logvar) * common.randn_like(mu)  # torch.randn_like, torchrun-proof
+            z = mu + torch.exp(0.5 * logvar) * common.randn_like(mu)  # torch.randn_like; under torchrun too
             raw = decoder(z)
         recon = recon_loss(raw.float(), x, args.decoder_std).mean()  # nats per image
         reconstruction = torch.tanh(raw.float())  # the decoder's mean, in [-1, 1], for LPIPS and D
@@ -234,8 +234,9 @@ def main(argv=None):
             with common.autocast(device, args):
                 x_real = x.detach().requires_grad_(args.r1_gamma > 0)  # R1 differentiates D(x) with respect to x
                 logits_real, logits_fake = discriminator(x_real).float(), discriminator(reconstruction.detach()).float()
-            d_loss = hinge_d_loss(logits_real, logits_fake) + (args.r1_gamma / 2 * r1_penalty(logits_real, x_real)
-                                                               if args.r1_gamma else 0.0)  # R1, --r1-gamma
+            d_loss = hinge_d_loss(logits_real, logits_fake)
+            if args.r1_gamma:  # R1: a flat D around the real images
+                d_loss = d_loss + args.r1_gamma / 2 * r1_penalty(logits_real, x_real)
             disc_optimizer.zero_grad(set_to_none=True)
             d_loss.backward()
             disc_optimizer.step()

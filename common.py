@@ -22,7 +22,8 @@ def fail(message, code=2):
     if dist.is_initialized() and not ALONE:  # torchrun stops the others once one process has ended: they end with
         signal.signal(signal.SIGTERM, lambda *_: os._exit(code))  # this code too, and wait for each other (gloo, 5 s)
         with contextlib.suppress(RuntimeError):  # RuntimeError: a process that is not stopping
-            dist.monitored_barrier(timeout=datetime.timedelta(seconds=5)) if dist.get_backend() == "gloo" else None
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=5))
         sys.stdout.flush(), sys.stderr.flush()
         os._exit(code)  # now: a slow teardown could outlast torchrun's patience
     sys.exit(code)
@@ -174,7 +175,8 @@ def rank_zero_first(work, *args, then_others=True):
     except SystemExit as e:
         code = [e.code]
     ALONE.clear()
-    dist.broadcast_object_list(code) if dist.is_initialized() else None
+    if dist.is_initialized():
+        dist.broadcast_object_list(code)
     return fail(None, code[0]) if code[0] else result if rank() == 0 or not then_others else work(*args)
 
 # ----------------------------------------------------------------------------- data
@@ -682,7 +684,8 @@ def evaluate(model, test, recon_loss, device, args, extra=None, train=None, max_
     """Held-out metrics -> (metrics, mu of every test image). recon_loss(raw, x) -> (B,): the chapter's term; extra(x,
     mean) -> {name: (B,)}: more per-image metrics; `train`: BatchNorm's statistics recomputed first. ELBO terms use
     one sample z ~ q(z|x) (fixed noise); pixel metrics and spectra decode z = mu (recon.png)."""
-    recalibrate_batchnorm(model, train) if train is not None else None
+    if train is not None:
+        recalibrate_batchnorm(model, train)
     noise, sums, powers, mus, logvars = torch.Generator().manual_seed(args.seed), {}, [0.0, 0.0], [], []
     test, only = test[:max_images], functools.partial(original_pixels, dataset=args.dataset)  # MNIST without its border
     model.eval()
@@ -765,7 +768,8 @@ class Run:
             except (KeyError, RuntimeError, ValueError) as e:
                 fail(f"{args.resume} does not fit this model ({str(e)[:250]}); resume with the flags it trained with")
         out = [args.out or f"runs/{script}/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"]
-        dist.broadcast_object_list(out) if dist.is_initialized() else None  # rank 0's clock names the folder
+        if dist.is_initialized():
+            dist.broadcast_object_list(out)  # rank 0's clock names the folder
         self.out = Path(out[0])
         args.out, self.start_step, self.rows, self.count, self.numbers = str(self.out), 0, [], 0, {}
         rank_zero_first(self.make_folder, then_others=False)  # rank 0 alone writes
@@ -835,7 +839,8 @@ class Run:
             elapsed = time.perf_counter() - self.timer
             row["images_per_s"] = self.timed_steps * self.args.batch_size / elapsed
             self.rows.append(row)
-            self.write_rows("metrics.csv", self.rows) if rank() == 0 else None  # rank 0 alone writes
+            if rank() == 0:  # rank 0 alone writes
+                self.write_rows("metrics.csv", self.rows)
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "recon", "kl", "lpips")})
             self.sums, self.peaks, self.count, self.numbers = None, None, 0, {}
             self.train_time, self.timer, self.timed_steps = self.train_time + elapsed, time.perf_counter(), 0
@@ -845,7 +850,8 @@ class Run:
             finite = all(bool(torch.isfinite(t).all()) for t in modules + [self.sums] if t is not None)
             if mean_over_processes(torch.tensor(float(finite), device=self.device)) < 1:
                 self.diverged(done)  # ^ every process stops if one found a non-finite value
-            self.save(done) if rank() == 0 else None
+            if rank() == 0:
+                self.save(done)
         if self.args.eval_every and done % self.args.eval_every == 0 and done < self.total_steps and rank() == 0:
             self.watch(done)
         return row
