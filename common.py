@@ -281,7 +281,8 @@ def decode_folder(root, size, cache):
         fail(f"found {sum(counts.values())} readable images ({', '.join(sorted(IMAGE_EXTENSIONS))}) below {root}; "
              f"need at least one to train on and one to test on")
     os.replace(part_file, cache)
-    print(f"folder {root}: {sum(counts.values())} images read, {skipped} unreadable skipped; decoded into {cache}")
+    print(f"folder {root}: {sum(counts.values())} images read, {skipped} unreadable files skipped; decoded once into "
+          f"{cache}")
 
 def load_folder(root, size):
     """-> (train, test), uint8 memory-mapped from a decoded cache, root/.decoded/ (a set larger than memory trains),
@@ -738,6 +739,11 @@ def save_atomic(path, obj):
     torch.save(obj, Path(path).with_suffix(".tmp"))
     os.replace(Path(path).with_suffix(".tmp"), path)
 
+def read_rows(path, last_step):
+    """The rows of a metrics.csv or eval.csv up to `last_step`, as floats ([] without the file)."""
+    with open(path) if Path(path).exists() else contextlib.nullcontext([]) as f:
+        return [r for r in ({k: float(v) for k, v in r.items()} for r in csv.DictReader(f)) if r["step"] <= last_step]
+
 def save_checkpoint(path, **state):  # the RNG of the GPU this process uses (under torchrun every rank's is the same)
     save_atomic(path, dict(state, rng=torch.get_rng_state(),
                            cuda_rng=[torch.cuda.get_rng_state()] if torch.cuda.is_available() else []))
@@ -781,7 +787,9 @@ class Run:
             torch.set_rng_state(self.resumed["rng"])
             if self.resumed["cuda_rng"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state(self.resumed["cuda_rng"][0])  # this process's GPU
-            self.numbers, self.rows, self.evals = (self.resumed[k] for k in ("numbers", "rows", "evals"))
+            self.numbers, self.rows, self.evals = self.resumed["numbers"], *[  # the rows up to the checkpoint
+                self.resumed[k] if k in self.resumed else read_rows(self.out / f, self.start_step)  # (or its files')
+                for k, f in (("rows", "metrics.csv"), ("evals", "eval.csv"))]
         print(f"{args.dataset}: {len(train)} training images, {self.total_steps} steps on {device}"
               + (f" in {self.world} processes" if self.world > 1 else "") + f"; output: {self.out}")
 

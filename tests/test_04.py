@@ -98,6 +98,7 @@ def test_a_single_step_spike_is_seen(gan04, tmp_path):
     # One step at ~55x the others, injected into Run.log as 04 hands it over: the row's mean only about doubles,
     # its peak is ~55x, and the monitor warns on that row and on no other.
     args = argparse.Namespace(batch_size=2, seed=0, epochs=1, steps=1, max_steps=0, log_every=50, resume=None,
+                              checkpoint_every=0, eval_every=0,
                               out=str(tmp_path), dataset="shapes")
     images = torch.zeros(400, 1, 2, 2, dtype=torch.uint8)  # 200 steps
     run = common.Run(args, "04_vae_gan_warmup", torch.device("cpu"), images)

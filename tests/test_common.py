@@ -336,6 +336,7 @@ def test_run_logs_means_without_per_step_sync_and_resume_keeps_earlier_rows(tmp_
     # Tensors and numbers are averaged over the steps of a row (numbers over the steps that gave one),
     # vectors become columns; a resumed run keeps the rows up to its checkpoint and the partial sums.
     args = argparse.Namespace(batch_size=2, seed=0, epochs=1, steps=1, max_steps=0, log_every=3, resume=None,
+                              checkpoint_every=0, eval_every=0,
                               out=str(tmp_path), dataset="shapes")
     images = torch.zeros(8, 1, 2, 2, dtype=torch.uint8)  # 4 steps per epoch
     run = common.Run(args, "01_vanilla_vae", torch.device("cpu"), images)
@@ -367,6 +368,7 @@ def test_default_length_is_the_chapters_steps_in_whole_epochs(tmp_path):
     # Without --epochs a run lasts the chapter's `steps`, rounded up to whole epochs, so a small photo
     # folder trains as long as the built-in data; --epochs and --max-steps still rule when given.
     args = argparse.Namespace(batch_size=2, seed=0, epochs=None, steps=10, max_steps=0, log_every=5, resume=None,
+                              checkpoint_every=0, eval_every=0,
                               out=str(tmp_path), dataset="folder")
     images = torch.zeros(8, 1, 2, 2, dtype=torch.uint8)  # 4 steps per epoch
     assert common.Run(args, "01_vanilla_vae", torch.device("cpu"), images).total_steps == 12  # 3 epochs
@@ -404,6 +406,7 @@ def test_checkpoint_is_atomic_and_bad_files_exit_2(tmp_path, capsys):
 def test_resume_into_a_model_of_another_shape_exits_2_and_keeps_the_run(tmp_path, capsys):
     # --resume with a flag that changes the model (say --width) must stop before config.json is rewritten
     args = argparse.Namespace(batch_size=2, seed=0, epochs=1, steps=1, max_steps=0, log_every=2, resume=None,
+                              checkpoint_every=0, eval_every=0,
                               out=str(tmp_path), dataset="shapes")
     images = torch.zeros(8, 1, 2, 2, dtype=torch.uint8)
     model = torch.nn.Linear(2, 3)

@@ -60,6 +60,7 @@ def photos(tmp_path_factory):
 SD = ["--dataset", "folder", "--image-size", "32", "--arch", "sd", "--batch-size", "8", "--log-every", "2"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,extra", [("01_vanilla_vae", ["--amp"]), ("02_burgess_capacity", []),
                                           ("03_lpips_frozen", ["--lpips-random-backbone"])])
 def test_every_chapter_trains_sd_blocks_and_exports_them(photos, tmp_path, script, extra):
@@ -76,6 +77,7 @@ def test_every_chapter_trains_sd_blocks_and_exports_them(photos, tmp_path, scrip
         assert torch.load(tmp_path / "latents.pt")["latents"].shape[1:] == (4, 8, 8)
 
 
+@pytest.mark.slow
 def test_04_with_sd_blocks_resumes_exactly(photos, tmp_path):
     flags = [*SD, "--data-dir", photos, "--lpips-random-backbone", "--disc-start", "2"]
     result = run_cli("04_vae_gan_warmup", *flags, "--max-steps", "6", "--out", tmp_path / "whole")

@@ -23,6 +23,7 @@ def photos(tmp_path_factory):
     return photo_folder(tmp_path_factory.mktemp("speed") / "photos", n_train=24, n_test=8, size=16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, extra", CHAPTERS, ids=["01", "02", "03", "04", "01-sd"])
 def test_compile_trains_to_eagers_losses(photos, tmp_path, script, extra):
     flags = ["--dataset", "folder", "--data-dir", photos, "--image-size", "16", "--batch-size", "8",

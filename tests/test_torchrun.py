@@ -32,6 +32,7 @@ def without(rows, *columns):
     return [{k: v for k, v in r.items() if k not in columns} for r in rows]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,extra,states", [
     ("01_vanilla_vae", [], ["model"]),
     ("04_vae_gan_warmup", ["--disc-start", "0", "--lpips-random-backbone", "--latent", "spatial"], ["model", "disc"])])
@@ -90,6 +91,7 @@ def test_a_two_process_run_resumes_exactly(tmp_path):
            {k: v for k, v in b.items() if k not in ("wall_s", "train_images_per_s")}
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_from_its_last_checkpoint_and_ends_as_if_never_killed(tmp_path):
     flags = [*QUICK, "--max-steps", "160", "--log-every", "10", "--checkpoint-every", "30"]
     reference = run_cli("01_vanilla_vae", *flags, "--out", tmp_path / "whole")
@@ -115,6 +117,7 @@ def test_a_run_killed_mid_epoch_resumes_from_its_last_checkpoint_and_ends_as_if_
            {k: v for k, v in b.items() if k not in ("wall_s", "train_images_per_s")}
 
 
+@pytest.mark.slow
 def test_eval_every_scores_the_model_and_leaves_training_alone(tmp_path):
     data = photo_folder(tmp_path / "photos", n_train=40, n_test=8, size=32)
     flags = ["--dataset", "folder", "--data-dir", data, "--image-size", "32", "--batch-size", "8", "--log-every", "2",
