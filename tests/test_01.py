@@ -72,6 +72,7 @@ def quick_run(tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_short_run_learns_to_use_z_and_writes_contract_files(quick_run):
     out, result = quick_run
     for name in CONTRACT_FILES:
@@ -100,6 +101,7 @@ def test_short_run_learns_to_use_z_and_writes_contract_files(quick_run):
     assert config["args"]["max_steps"] == 200 and "torch" in config["versions"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("beta,collapses", [(50, True), (1, False)])
 def test_collapse_warning_names_collapse_and_only_collapse(tmp_path, beta, collapses):
     # beta = 50 prices each nat of information above what it saves: the code carries almost nothing,
@@ -137,6 +139,7 @@ def test_bad_choice_gets_argparse_error_and_exit_2(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_resumed_cyclical_run_must_keep_its_length(tmp_path):
     # --kl-cycles spreads its cycles over the run's total steps; a new length would move the schedule.
     result = run_cli("01_vanilla_vae", *QUICK, "--max-steps", "20", "--kl-cycles", "2", "--out", tmp_path)
@@ -158,6 +161,7 @@ def test_empty_folder_exits_2(tmp_path, vae01, capsys):
 
 
 # ----------------------------------------------------------------------------- interruption, resume, divergence
+@pytest.mark.slow
 def test_resumed_run_matches_an_uninterrupted_one(quick_run, tmp_path):
     out = tmp_path / "two_legs"
     result = run_cli("01_vanilla_vae", *QUICK, "--max-steps", "100", "--out", out)  # stops at step 100

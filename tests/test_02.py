@@ -37,6 +37,7 @@ def run02(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_logged_loss_is_recon_plus_gamma_times_gap(tmp_path):
     # With one step per row, each row holds one step's terms, so the loss can be recomputed exactly.
     result = run_cli("02_burgess_capacity", *QUICK, "--max-steps", "15", "--log-every", "1", "--gamma", "100",
@@ -49,6 +50,7 @@ def test_logged_loss_is_recon_plus_gamma_times_gap(tmp_path):
         assert r["kl"] == pytest.approx(sum(r[f"kl_dim_{i}"] for i in range(10)), rel=1e-4, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_kl_follows_capacity_and_carries_information(run02):
     summary = json.loads((run02 / "summary.json").read_text())
     rows = read_rows(run02 / "metrics.csv")
@@ -83,6 +85,7 @@ def test_kl_follows_capacity_and_carries_information(run02):
         assert e["capacity"] == pytest.approx(min(12.0, 12.0 * e["step"] / 200))
 
 
+@pytest.mark.slow
 def test_without_centring_the_kl_buys_c_with_an_offset(run02, tmp_path):
     # The same run with mu uncentred: a shift of every code pays for C, and the information bound collapses.
     result = run_cli("02_burgess_capacity", *QUICK, "--max-steps", "300", "--capacity-steps", "200",
@@ -94,6 +97,7 @@ def test_without_centring_the_kl_buys_c_with_an_offset(run02, tmp_path):
     assert plain["test_info_bound"] < 0.5 * centred["test_info_bound"]
 
 
+@pytest.mark.slow
 def test_capacity_continues_where_a_resumed_run_stopped(run02, tmp_path, cap02):
     args = [*QUICK, "--capacity-steps", "200", "--capacity-max", "12", "--log-every", "10", "--out", str(tmp_path)]
     cap02.main([*args, "--max-steps", "120"])
@@ -164,6 +168,7 @@ def test_position_code_tells_a_loop_from_a_line():
     assert first > 0.95
 
 
+@pytest.mark.slow
 def test_position_code_reads_a_run_folder(run02):
     from tools.position_code import curve_shape
     result = run_cli("tools.position_code", run02, timeout=120)
@@ -196,6 +201,7 @@ def test_position_code_refuses_a_run_without_true_factors(tmp_path):
     assert not (tmp_path / "position_code.png").exists()
 
 
+@pytest.mark.slow
 def test_a_code_map_on_shapes_leaves_every_output(tmp_path):
     # The factor analysis (MIG, what each dim knows) needs one value per dim and image: a code vector.
     result = run_cli("02_burgess_capacity", "--image-size", "32", "--latent", "spatial", "--max-steps", "10",

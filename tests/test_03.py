@@ -58,6 +58,7 @@ def frozen_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_frozen_run_leaves_lpips_untouched(frozen_run, perceptual):
     summary = json.loads((frozen_run / "summary.json").read_text())
     assert summary["lpips_trainable_params"] == 0 and summary["lpips_backbone"] == "random"
@@ -74,6 +75,7 @@ def test_frozen_run_leaves_lpips_untouched(frozen_run, perceptual):
     assert rows[-1]["lpips"] < rows[0]["lpips"]  # and the decoder does learn to lower it
 
 
+@pytest.mark.slow
 def test_logged_loss_adds_scaled_lpips(frozen_run):
     # One step per row: loss = recon + lpips_weight * (C*H*W) * LPIPS / (2 sigma^2) + gamma * |KL - C|,
     # recon already divided by 2 sigma^2 (sigma 0.5 here): LPIPS is priced like squared error.
@@ -83,6 +85,7 @@ def test_logged_loss_adds_scaled_lpips(frozen_run):
         assert r["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_unfrozen_lpips_incident_is_detected(tmp_path):
     result = run_cli("03_lpips_frozen", *QUICK, "--lpips-random-backbone", "--unfreeze-lpips", "--max-steps", "150",
                      "--capacity-steps", "100", "--capacity-max", "10", "--out", tmp_path)

@@ -136,6 +136,7 @@ def run04(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_short_run_leaves_every_contract_file(run04):
     for name in ["config.json", "metrics.csv", "summary.json", "recon.png", "samples.png", "interpolation.png",
                  "curves.png", "checkpoint.pt", "traversals.png"]:
@@ -172,6 +173,7 @@ def test_adv_rec_grad_ratio_against_separate_backward_passes(gan04):
     assert ratio.item() == pytest.approx((norms[1] / norms[0]).item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_discriminator_untouched_before_the_start(gan04, tmp_path):
     states = []
     for steps in (10, 40):  # the same run stopped at two steps, both before D's start at 1000
@@ -192,6 +194,7 @@ def test_bad_disc_flags_exit_2(tmp_path):
     assert_rejected("04_vae_gan_warmup", "--disc-weight", "-1", "--out", tmp_path, mentions="--disc-weight")
 
 
+@pytest.mark.slow
 def test_resume_continues_d_and_its_start(gan04, tmp_path):
     # D starts during the first leg; the resumed leg must continue D, its optimizer, the start step and
     # the running maximum of the gradient norm exactly where a straight run has them (CPU: bit-exact).
@@ -210,6 +213,7 @@ def test_resume_continues_d_and_its_start(gan04, tmp_path):
     assert summaries[1]["max_dec_grad_norm"] == pytest.approx(summaries[0]["max_dec_grad_norm"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_d_starts_half_way_by_default_and_a_run_too_short_says_so(tmp_path):
     flags = [*QUICK, "--lpips-random-backbone", "--max-steps", "40", "--log-every", "10"]
     result = run_cli("04_vae_gan_warmup", *flags, "--capacity-steps", "10", "--out", tmp_path / "half")
@@ -225,6 +229,7 @@ def test_d_starts_half_way_by_default_and_a_run_too_short_says_so(tmp_path):
     assert json.loads((tmp_path / "late" / "summary.json").read_text())["disc_steps"] == 0
 
 
+@pytest.mark.slow
 def test_disc_start_given_with_resume_overrides_the_saved_one(gan04, tmp_path):
     # Flags given with --resume override the saved ones: also the step at which D starts.
     args = [*QUICK, "--lpips-random-backbone", "--log-every", "10", "--out", str(tmp_path)]
@@ -235,6 +240,7 @@ def test_disc_start_given_with_resume_overrides_the_saved_one(gan04, tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["disc_start_step"] == 30
 
 
+@pytest.mark.slow
 def test_adversarial_term_is_priced_like_the_pixel_terms(tmp_path):
     # L_adv = -P mean D(x_hat) / (2 sigma^2), as LPIPS is priced; --no-adaptive-weight: lambda = --disc-weight.
     # Each metrics row here is one step, so its loss must add up from the row's own terms.
@@ -265,6 +271,7 @@ def test_a_spike_is_seen_when_d_acts_from_step_0(gan04):
     assert set(gan04.collapse_symptoms(rows, disc_start_step=0)) == {"gradient spike"}
 
 
+@pytest.mark.slow
 def test_grad_clip_bounds_the_decoder_gradient_the_optimizer_sees(gan04, tmp_path):
     decoder = len(list(common.VAE(1, 32, 10, 32, centre_mu=True).decoder.parameters()))
     seen = {}

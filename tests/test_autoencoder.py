@@ -26,6 +26,7 @@ def photo_run(tmp_path_factory):
     return data, out
 
 
+@pytest.mark.slow
 def test_resume_from_the_memory_mapped_folder_matches_the_uninterrupted_run(photo_run, tmp_path):
     # photo_run's 30 steps again in two legs (20 + 10, at row ends), the second read from the folder's cache
     # (made by photo_run); the first leg's checkpoint is made to look older than --downsample: its flags lack it

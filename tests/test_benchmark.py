@@ -22,6 +22,7 @@ def _measure(monkeypatch, tmp_path, delay):
     return benchmark.measure_script("01_vanilla_vae", 32, torch.device("cpu"), warmup=5, steps=20, out=tmp_path)
 
 
+@pytest.mark.slow
 def test_outside_timer_counts_the_window_and_finds_a_planted_delay(monkeypatch, tmp_path):
     plain = _measure(monkeypatch, tmp_path, delay=0.0)
     assert plain["counts"]["Batches.__call__"] == 20 and plain["counts"]["Run.log"] == 20

@@ -24,6 +24,7 @@ def photo_runs(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_photo_folders_get_a_spatial_latent(photo_runs):
     config = json.loads((photo_runs["01_vanilla_vae"] / "config.json").read_text())
     assert config["args"]["latent"] == "spatial" and config["args"]["latent_dim"] == 4
@@ -33,6 +34,7 @@ def test_photo_folders_get_a_spatial_latent(photo_runs):
     assert summary["test_kl"] == pytest.approx(sum(summary["kl_per_dim"]), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_ladder_scores_match_each_runs_summary(photo_runs, tmp_path):
     figure = tmp_path / "ladder.png"
     result = run_cli("tools.ladder", photo_runs["01_vanilla_vae"], photo_runs["03_lpips_frozen"], "--out", figure,
@@ -54,6 +56,7 @@ def test_ladder_scores_match_each_runs_summary(photo_runs, tmp_path):
             assert lpips_value == pytest.approx(summary["test_lpips"], abs=2e-4)
 
 
+@pytest.mark.slow
 def test_ladder_shows_the_test_images_asked_for(photo_runs, tmp_path, monkeypatch):
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
@@ -75,6 +78,7 @@ def test_ladder_shows_the_test_images_asked_for(photo_runs, tmp_path, monkeypatc
     assert set(drawn["zoom"]) <= {5, 2}  # the 4x patches come from the images shown
 
 
+@pytest.mark.slow
 def test_ladder_refuses_runs_on_different_data(photo_runs, tmp_path):
     config = json.loads((photo_runs["01_vanilla_vae"] / "config.json").read_text())["args"]
     other = tmp_path / "smaller"  # the same photos at 16 px: other data
@@ -86,6 +90,7 @@ def test_ladder_refuses_runs_on_different_data(photo_runs, tmp_path):
     assert result.returncode == 2 and result.stderr.startswith("error:") and "numbered 0 to 7" in result.stderr
 
 
+@pytest.mark.slow
 def test_ladder_refuses_weights_its_arguments_do_not_describe(photo_runs, tmp_path):
     state = torch.load(photo_runs["01_vanilla_vae"] / "checkpoint.pt", weights_only=True)
     state["args"]["width"] *= 2  # as if written by another version of the scripts

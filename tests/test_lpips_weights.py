@@ -165,6 +165,7 @@ def test_a_broken_backbone_file_exits_2_naming_it(offline_home, capsys, which):
     assert_clean_error(capsys.readouterr().err, str(path), "python -m tools.lpips_weights")
 
 
+@pytest.mark.slow
 def test_a_run_with_only_the_converted_files_uses_the_imagenet_backbone(offline_home):
     # What a user gets after `python -m tools.lpips_weights`: 03 runs offline with both backbones, and says which.
     place("alex", converted=True, seed=3)
