@@ -7,9 +7,8 @@ Added naively (D from step 0, lambda fixed at 0.5, no spectral norm), D takes ov
 5.7 dB below a guarded run. Two guards from VQGAN each prevent it. Warm-up: D is off until --disc-start (half the
 run, after C reaches C_max), so it refines a decoder that already reconstructs. The adaptive weight: lambda =
 ||grad_W L_rec|| / ||grad_W L_adv|| * --disc-weight (0.1) at the decoder's last layer W, the ratio clamped at 1e4
-(it never bound here).
-Spectral norm on D (on by default) alone does not; --grad-clip and --r1-gamma (off): the README's guard table.
-GAN COLLAPSE WARNING (the decoder giving way to D, not 01's posterior collapse): D's pull on the whole decoder
+(it never bound here). Alone, spectral norm on D (on), --grad-clip and --r1-gamma (off) do not: README, guard table.
+GAN COLLAPSE WARNING (the decoder giving way to D, not 01's posterior collapse), once D acts: D's pull on the decoder
 (adv_rec_grad_ratio) above 1, a step's decoder gradient 10x the rows' median before, recon 50% above its best since D.
 
 Run:   python 04_vae_gan_warmup.py                   # shapes, both guards and spectral norm, 1,562 steps
@@ -124,10 +123,12 @@ def adv_rec_grad_ratio(rec_loss, adv_term, params):
 
 
 def collapse_symptoms(rows, disc_start_step, pull_limit=1.0, spike=10.0, rebound=1.5):
-    """The collapse signature in the metrics rows -> {symptom: message}, empty when healthy: D pulling the decoder
-    harder than the reconstruction (the README's runs that do not fail: < 0.8), one step's decoder gradient norm 10x
-    the median of the rows' mean norms before, recon 50% above its best since D started (from the row before D)."""
+    """The collapse signature in the rows -> {symptom: message}, empty when healthy or before D acts (None: never):
+    D's pull on the decoder above the reconstruction's (the README's runs that do not fail: < 0.8), one step's decoder
+    gradient norm 10x the median of the rows' mean norms before, recon 50% above its best since the row before D."""
     row, found = rows[-1], {}
+    if disc_start_step is None or row["step"] <= disc_start_step:  # before D acts, nothing here is D's doing
+        return found
     if row.get("adv_rec_grad_ratio", 0.0) > pull_limit:
         found["D outpulls the reconstruction"] = (f"D's pull on the decoder is {row['adv_rec_grad_ratio']:.2g}x "
                                                   "the reconstruction's")
@@ -136,11 +137,10 @@ def collapse_symptoms(rows, disc_start_step, pull_limit=1.0, spike=10.0, rebound
     if row["dec_grad_norm_max"] > spike * median:  # the row's largest single step, not its mean
         found["gradient spike"] = (f"a step's decoder gradient norm {row['dec_grad_norm_max']:.3g}, "
                                    f"{row['dec_grad_norm_max'] / median:.0f}x the median before")
-    if disc_start_step is not None and row["step"] > disc_start_step:
-        since = rows[max([i for i, r in enumerate(rows) if r["step"] <= disc_start_step], default=0):-1]
-        if since and row["recon"] > rebound * min(r["recon"] for r in since):
-            best = min(r["recon"] for r in since)
-            found["recon rebound"] = f"recon {row['recon']:.1f} against its best {best:.1f} since D started"
+    since = rows[max([i for i, r in enumerate(rows) if r["step"] <= disc_start_step], default=0):-1]
+    if since and row["recon"] > rebound * min(r["recon"] for r in since):
+        found["recon rebound"] = (f"recon {row['recon']:.1f} against its best {min(r['recon'] for r in since):.1f} "
+                                  "since D started")
     return found
 
 

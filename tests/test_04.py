@@ -80,7 +80,9 @@ def test_collapse_monitor_fires_on_spike_and_rebound(gan04):
     for i in range(2, 21):
         assert gan04.collapse_symptoms(flat[:i], disc_start_step=500) == {}  # quiet on a flat series
     spike = _rows([100.0] * 20, norm=[30.0] * 19 + [600.0], peak=[60.0] * 19 + [600.0])
-    assert set(gan04.collapse_symptoms(spike, disc_start_step=None)) == {"gradient spike"}
+    assert set(gan04.collapse_symptoms(spike, disc_start_step=0)) == {"gradient spike"}
+    assert gan04.collapse_symptoms(spike, disc_start_step=1000) == {}  # the same spike before D acts: not D's doing
+    assert gan04.collapse_symptoms(spike, disc_start_step=None) == {}  # nor in a run where D never acts
     rebound = _rows([100.0] * 10 + [120.0, 160.0])
     assert gan04.collapse_symptoms(rebound[:11], disc_start_step=500) == {}  # +20%: not yet
     assert set(gan04.collapse_symptoms(rebound, disc_start_step=500)) == {"recon rebound"}
@@ -89,9 +91,9 @@ def test_collapse_monitor_fires_on_spike_and_rebound(gan04):
     assert set(gan04.collapse_symptoms(early, disc_start_step=0)) == {"recon rebound"}
     assert gan04.collapse_symptoms(early[:3], disc_start_step=0) == {}
     rising = _rows([100.0] * 8, norm=[10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0, 1280.0], peak=[1.0] * 8)
-    assert gan04.collapse_symptoms(rising[:7], disc_start_step=None) == {}  # read from the row's peak, not its mean
+    assert gan04.collapse_symptoms(rising[:7], disc_start_step=0) == {}  # read from the row's peak, not its mean
     rebound_before_d = _rows([100.0] * 10 + [160.0])
-    assert gan04.collapse_symptoms(rebound_before_d, disc_start_step=None) == {}  # before D: not a GAN symptom
+    assert gan04.collapse_symptoms(rebound_before_d, disc_start_step=1000) == {}  # before D: not a GAN symptom
 
 
 def test_a_single_step_spike_is_seen(gan04, tmp_path):
@@ -107,7 +109,7 @@ def test_a_single_step_spike_is_seen(gan04, tmp_path):
         norm = torch.tensor(1800.0 if step == 120 else 30.0 + step % 7)
         row = run.log(step, peaks={"dec_grad_norm_max": norm}, recon=torch.tensor(100.0), dec_grad_norm=norm)
         if row:
-            warned[row["step"]] = set(gan04.collapse_symptoms(run.rows, disc_start_step=None))
+            warned[row["step"]] = set(gan04.collapse_symptoms(run.rows, disc_start_step=0))
     assert run.rows[2]["dec_grad_norm"] < 3 * run.rows[1]["dec_grad_norm"]  # the mean barely shows it
     assert run.rows[2]["dec_grad_norm_max"] == 1800.0
     assert warned == {50: set(), 100: set(), 150: {"gradient spike"}, 200: set()}
