@@ -29,7 +29,7 @@ def parse_args(argv=None):
     parser.add_argument("--beta", type=float, default=1.0, help="weight of the KL; 1 = the true ELBO (default: 1.0)")
     parser.add_argument("--kl-warmup-steps", type=int, default=0, help="ramp beta from 0 over these steps (default: 0)")
     parser.add_argument("--kl-cycles", type=int, default=0, help="repeat a 0 -> beta ramp this many times (default: 0)")
-    parser.add_argument("--free-bits", type=float, default=0.0, help="KL floor per dim (or channel), nats (default: 0)")
+    parser.add_argument("--free-bits", type=float, default=0.0, help="free KL nats per dim or channel (default: 0)")
     args = common.parse_args(parser, argv)
     if min(args.beta, args.free_bits, args.kl_warmup_steps, args.kl_cycles) < 0:
         common.fail("--beta, --free-bits, --kl-warmup-steps and --kl-cycles must not be negative")
@@ -88,7 +88,7 @@ def main(argv=None):
             raw = decoder(z)
         recon = recon_loss(raw.float(), x, args.recon, args.decoder_std).mean()  # nats per image
         # KL(N(mu, s^2) || N(0, 1)) = 1/2 (mu^2 + s^2 - 1 - log s^2), s^2 = exp(logvar), per dim, batch mean, (D,)
-        # (photos get a code map, a grid of codes, one per 4 x 4 patch: there a dim is a channel, summed)
+        # (photos get a code map, a grid of codes, one per f x f patch: there a dim is a channel, summed)
         kl_per_dim = common.kl_per_dim(mu, logvar)
         loss = recon + beta * kl_penalty(kl_per_dim, args.free_bits)  # -ELBO (up to a constant) at beta 1, no free bits
         optimizer.zero_grad(set_to_none=True)

@@ -75,7 +75,7 @@ def main(argv=None):
             raw = decoder(z)
         recon = recon_loss(raw.float(), x, args.recon, args.decoder_std).mean()  # nats per image
         # KL(N(mu, s^2) || N(0, 1)) = 1/2 (mu^2 + s^2 - 1 - log s^2), s^2 = exp(logvar), per dim, batch mean, (D,)
-        # (photos get a code map, a grid of codes, one per 4 x 4 patch: there a dim is a channel, summed)
+        # (photos get a code map, a grid of codes, one per f x f patch: there a dim is a channel, summed)
         kl_per_dim = common.kl_per_dim(mu, logvar)
         loss = recon + args.gamma * (kl_per_dim.sum() - target).abs()  # Burgess et al.'s objective
         optimizer.zero_grad(set_to_none=True)

@@ -3,7 +3,7 @@
 Under a Gaussian likelihood the best guess at an uncertain edge is the average of its positions: blur. LPIPS
 (Zhang et al. 2018) compares images through a fixed ImageNet network's features, weighted by learned "lin" heads:
 there a blur costs more than a plausible texture. Added per pixel value, as latent diffusion scales it (its
-contperceptual.py):  loss = [sum (x - m)^2 + lpips_weight * P * LPIPS] / (2 sigma^2) + gamma * |KL - C|,  P = x.numel().
+contperceptual.py): loss = [sum (x - m)^2 + lpips_weight * P * LPIPS] / (2 sigma^2) + gamma * |KL - C|, P = x[0].numel()
 Where the code is unsure, the decoder now draws a texture, not a blur (shapes: speckled blobs). The trap: lpips.LPIPS
 freezes only its backbone; lin heads in an optimizer go below zero, and the decoder is paid to paint noise.
 
@@ -92,7 +92,7 @@ def main(argv=None):
         recon = recon_loss(raw.float(), x, args.decoder_std).mean()  # nats per image
         perceptual_per_image = common.lpips_distance(perceptual, torch.tanh(raw.float()), x)  # (B,), in float32
         # KL(N(mu, s^2) || N(0, 1)) = 1/2 (mu^2 + s^2 - 1 - log s^2), s^2 = exp(logvar), per dim, batch mean, (D,)
-        # (photos get a code map, a grid of codes, one per 4 x 4 patch: there a dim is a channel, summed)
+        # (photos get a code map, a grid of codes, one per f x f patch: there a dim is a channel, summed)
         kl_per_dim = common.kl_per_dim(mu, logvar)
         loss = recon + args.gamma * (kl_per_dim.sum() - target).abs()  # Burgess et al.'s objective
         loss = loss + args.lpips_weight * x[0].numel() * perceptual_per_image.mean() / (2 * args.decoder_std ** 2)

@@ -46,7 +46,7 @@ def base_parser(script, doc, steps):
     add("--downsample", type=int, choices=[4, 8], default=None, help="a map's pixels per code, a side (default: 4)")
     add("--decoder-std", type=float, default=None, help="sigma of the Gaussian decoder on [-1, 1] pixels: the price "
         "of detail, see 01 (default: 0.7071, i.e. variance 1/2; 0.1 for a code map)")
-    add("--width", type=int, default=32, help="channels of the first conv; 64-128 on a GPU (default: 32)")
+    add("--width", type=int, default=32, help="channels of the first conv (04: D's too); 64-128 on a GPU (default: 32)")
     add("--arch", choices=["plain", "sd"], default="plain", help="a code map's blocks: plain, or Stable Diffusion's "
         "(its KL-f8 at --width 128 --downsample 8) (default: plain)")
     add("--seed", type=int, default=0, help="(default: 0)")
