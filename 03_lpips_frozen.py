@@ -71,7 +71,7 @@ def main(argv=None):
                        channel_mean=common.channel_mean(train), spatial=args.latent == "spatial",
                        centre_mu=not args.no_centring, downsample=args.downsample, arch=args.arch).to(device)
     perceptual.lins.requires_grad_(args.unfreeze_lpips)  # --unfreeze-lpips: the incident, on purpose
-    if not args.unfreeze_lpips and any(p.requires_grad for p in perceptual.parameters()):  # checked, not assumed
+    if not args.unfreeze_lpips and any(p.requires_grad for p in perceptual.parameters()):
         raise RuntimeError("an LPIPS parameter still requires grad")
     trained = [*model.parameters(), *(p for p in perceptual.parameters() if p.requires_grad)]  # LPIPS: only if unfrozen
     optimizer = torch.optim.Adam(trained, lr=args.lr)

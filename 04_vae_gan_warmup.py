@@ -7,9 +7,9 @@ Added naively (D from step 0, lambda fixed at 0.5, no spectral norm), D takes ov
 5.7 dB below a guarded run. Two guards from VQGAN each prevent it. Warm-up: D is off until --disc-start (half the
 run, after C reaches C_max), so it refines a decoder that already reconstructs. The adaptive weight: lambda =
 ||grad_W L_rec|| / ||grad_W L_adv|| * --disc-weight (0.1) at the decoder's last layer W, the ratio clamped at 1e4
-(it never bound here). Alone, spectral norm on D (on), --grad-clip and --r1-gamma (off) do not: README, guard table.
+(it never bound here). Alone, spectral norm on D (default on), --grad-clip or --r1-gamma (off) does not prevent it.
 GAN COLLAPSE WARNING (the decoder giving way to D, not 01's posterior collapse), once D acts: D's pull on the decoder
-(adv_rec_grad_ratio) above 1, a step's decoder gradient 10x the rows' median before, recon 50% above its best since D.
+(adv_rec_grad_ratio) above 1, a step's decoder gradient 10x the median before, recon 50% above its best since D began.
 
 Run:   python 04_vae_gan_warmup.py                   # shapes, both guards and spectral norm, 1,562 steps
        python 04_vae_gan_warmup.py --max-steps 300 --capacity-steps 150 --log-every 25 --disc-weight 0.5 \
@@ -162,7 +162,7 @@ def main(argv=None):
                        channel_mean=common.channel_mean(train), spatial=args.latent == "spatial",
                        centre_mu=not args.no_centring, downsample=args.downsample, arch=args.arch).to(device)
     perceptual.lins.requires_grad_(args.unfreeze_lpips)  # --unfreeze-lpips: the incident, on purpose
-    if not args.unfreeze_lpips and any(p.requires_grad for p in perceptual.parameters()):  # checked, not assumed
+    if not args.unfreeze_lpips and any(p.requires_grad for p in perceptual.parameters()):
         raise RuntimeError("an LPIPS parameter still requires grad")
     trained = [*model.parameters(), *(p for p in perceptual.parameters() if p.requires_grad)]  # LPIPS: only if unfrozen
     optimizer = torch.optim.Adam(trained, lr=args.lr)
