@@ -7,7 +7,7 @@ wide against this model's errors (summary.json: effective_beta 33, beta against 
 the decoder averages away what the small code does not hold. Posterior collapse (Lucas et al. 2019): the KL wins,
 q(z|x) = N(0, I); the run warns at a KL under 1 nat or at most one dim above 0.1 nat. Fix: smaller --beta, --free-bits.
 
-Run:   python 01_vanilla_vae.py                              # shapes, 64 px, ~2 min on a 2-core CPU
+Run:   python 01_vanilla_vae.py                              # shapes, 64 px, 2-6 min on a 2-core CPU
        python 01_vanilla_vae.py --beta 50 --max-steps 300    # posterior collapse, and its warning
 See:   runs/01_vanilla_vae/<dataset>-<time>/: recon.png, samples.png, curves.png, summary.json (PSNR 24.4 dB).
 Papers: Kingma & Welling 2014; Lucas et al. 2019; Sønderby et al. 2016; Fu et al. 2019; Kingma et al. 2016.
