@@ -7,7 +7,7 @@ contperceptual.py): loss = [sum (x - m)^2 + lpips_weight * P * LPIPS] / (2 sigma
 Where the code is unsure, the decoder now draws a texture, not a blur (shapes: speckled blobs). The trap: lpips.LPIPS
 freezes only its backbone; lin heads in an optimizer go below zero, and the decoder is paid to paint noise.
 
-Run:   python 03_lpips_frozen.py                              # shapes, 64 px, ~2 min on a 2-core CPU
+Run:   python 03_lpips_frozen.py                              # shapes, 64 px
        python 03_lpips_frozen.py --unfreeze-lpips --epochs 1  # the incident
 See:   runs/03_lpips_frozen/<dataset>-<time>/: recon.png, summary.json: test_lpips (the net trained against),
        test_lpips_vgg (VGG16). Against 02 on this schedule: LPIPS-VGG 0.175 (0.199), PSNR 21.2 dB (21.9).
@@ -22,7 +22,7 @@ SCRIPT = Path(__file__).stem
 
 
 def parse_args(argv=None):
-    parser = common.base_parser(SCRIPT, __doc__, steps=750)  # 02's 3,000 / 4, C's ramp too: a CPU run of ~2 min
+    parser = common.base_parser(SCRIPT, __doc__, steps=750)  # 02's 3,000 / 4, C's ramp too: a short CPU run
     parser.add_argument("--gamma", type=float, default=100.0, help="weight of |KL - C| (default: 100)")
     parser.add_argument("--capacity-max", type=float, default=None, help="C_max, nats (default: 25; 1.5 per map value)")
     parser.add_argument("--capacity-steps", type=int, default=500, help="steps for C to reach C_max (default: 500)")

@@ -123,11 +123,11 @@ def adv_rec_grad_ratio(rec_loss, adv_term, params):
 
 
 def collapse_symptoms(rows, disc_start_step, pull_limit=1.0, spike=10.0, rebound=1.5):
-    """The collapse signature in the rows -> {symptom: message}, empty when healthy or before D acts (None: never):
+    """The collapse signature in the rows -> {symptom: message}, empty when healthy or before D acts:
     D's pull on the decoder above the reconstruction's (the README's runs that do not fail: < 0.8), one step's decoder
     gradient norm 10x the median of the rows' mean norms before, recon 50% above its best since the row before D."""
     row, found = rows[-1], {}
-    if disc_start_step is None or row["step"] <= disc_start_step:  # before D acts, nothing here is D's doing
+    if row["step"] <= disc_start_step:  # before D acts, nothing here is D's doing
         return found
     if row.get("adv_rec_grad_ratio", 0.0) > pull_limit:
         found["D outpulls the reconstruction"] = (f"D's pull on the decoder is {row['adv_rec_grad_ratio']:.2g}x "
@@ -138,9 +138,9 @@ def collapse_symptoms(rows, disc_start_step, pull_limit=1.0, spike=10.0, rebound
         found["gradient spike"] = (f"a step's decoder gradient norm {row['dec_grad_norm_max']:.3g}, "
                                    f"{row['dec_grad_norm_max'] / median:.0f}x the median before")
     since = rows[max([i for i, r in enumerate(rows) if r["step"] <= disc_start_step], default=0):-1]
-    if since and row["recon"] > rebound * min(r["recon"] for r in since):
-        found["recon rebound"] = (f"recon {row['recon']:.1f} against its best {min(r['recon'] for r in since):.1f} "
-                                  "since D started")
+    best = min([r["recon"] for r in since], default=float("inf"))  # since the row before D
+    if row["recon"] > rebound * best:
+        found["recon rebound"] = f"recon {row['recon']:.1f} against its best {best:.1f} since D started"
     return found
 
 

@@ -141,9 +141,8 @@ def distributed(device, args):
 def prepare(args, *modules):
     """The modules as the loop calls them: under torchrun in DistributedDataParallel (gradients averaged in backward;
     a code vector's centring takes the global batch's statistics on CUDA, its slice's on a CPU); --compile compiles."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    sync = nn.SyncBatchNorm.convert_sync_batchnorm
-    modules = [DDP(sync(m) if next(m.parameters()).is_cuda else m) for m in modules] if world_size() > 1 else modules
+    ddp, sync = nn.parallel.DistributedDataParallel, nn.SyncBatchNorm.convert_sync_batchnorm
+    modules = [ddp(sync(m) if next(m.parameters()).is_cuda else m) for m in modules] if world_size() > 1 else modules
     return [torch.compile(m) if args.compile else m for m in modules]
 
 def mean_over_processes(t, op="mean"):
@@ -281,8 +280,7 @@ def decode_folder(root, size, cache):
         fail(f"found {sum(counts.values())} readable images ({', '.join(sorted(IMAGE_EXTENSIONS))}) below {root}; "
              f"need at least one to train on and one to test on")
     os.replace(part_file, cache)
-    print(f"folder {root}: {sum(counts.values())} images read, {skipped} unreadable files skipped; decoded once into "
-          f"{cache}")
+    print(f"{root}: {sum(counts.values())} images read, {skipped} unreadable files skipped; decoded once: {cache}")
 
 def load_folder(root, size):
     """-> (train, test), uint8 memory-mapped from a decoded cache, root/.decoded/ (a set larger than memory trains),
@@ -787,9 +785,9 @@ class Run:
             torch.set_rng_state(self.resumed["rng"])
             if self.resumed["cuda_rng"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state(self.resumed["cuda_rng"][0])  # this process's GPU
-            self.numbers, self.rows, self.evals = self.resumed["numbers"], *[  # the rows up to the checkpoint
-                self.resumed[k] if k in self.resumed else read_rows(self.out / f, self.start_step)  # (or its files')
-                for k, f in (("rows", "metrics.csv"), ("evals", "eval.csv"))]
+            self.numbers = self.resumed["numbers"]  # rows: the checkpoint's, or its files' up to it (older checkpoints)
+            self.rows, self.evals = (self.resumed[k] if k in self.resumed else read_rows(self.out / f, self.start_step)
+                                     for k, f in (("rows", "metrics.csv"), ("evals", "eval.csv")))
         print(f"{args.dataset}: {len(train)} training images, {self.total_steps} steps on {device}"
               + (f" in {self.world} processes" if self.world > 1 else "") + f"; output: {self.out}")
 
@@ -813,7 +811,9 @@ class Run:
         yield from range(self.start_step, self.total_steps)
         if dist.is_initialized():
             dist.destroy_process_group()
-            sys.exit(0) if os.environ["RANK"] != "0" else torch.set_num_threads(len(os.sched_getaffinity(0)))
+            if os.environ["RANK"] != "0":
+                sys.exit(0)
+            torch.set_num_threads(len(os.sched_getaffinity(0)))  # rank 0 evaluates alone, on every core
 
     def ends_row(self, step):
         """Whether step `step` (0-based) ends with a metrics row."""

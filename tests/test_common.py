@@ -354,6 +354,11 @@ def test_run_logs_means_without_per_step_sync_and_resume_keeps_earlier_rows(tmp_
     resumed = common.Run(argparse.Namespace(**dict(vars(args), resume=str(tmp_path / "mid.pt"))), "01_vanilla_vae",
                          torch.device("cpu"), images)
     assert [r["step"] for r in resumed.rows] == []  # the rows after step 2 (3 and 4) are dropped
+    common.save_checkpoint(tmp_path / "at3.pt", script="01_vanilla_vae", args=vars(args), step=3, total_steps=4,
+                           sums=None, count=0, numbers={})  # also without rows: those of metrics.csv up to step 3
+    at3 = common.Run(argparse.Namespace(**dict(vars(args), resume=str(tmp_path / "at3.pt"))), "01_vanilla_vae",
+                     torch.device("cpu"), images)
+    assert [(r["step"], r["loss"]) for r in at3.rows] == [(3, 1.0)] and at3.evals == []
     row = [resumed.log(step, loss=torch.tensor(float(step)), kl=torch.tensor([step, -2.0 * step]), beta=step / 10)
            for step in resumed.steps()][0]
     assert row["step"] == 3 and row["loss"] == pytest.approx(1.0) and row["kl_1"] == pytest.approx(-2.0)
