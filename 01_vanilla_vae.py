@@ -3,58 +3,72 @@
 The encoder maps x to a Gaussian q(z|x) = N(mu, s^2); a draw z goes through the decoder back to an image. Training
 minimises -ELBO(x) = -E_q[log p(x|z)] + KL(q(z|x) || N(0, I)) >= -log p(x), nats per image. Blur: the decoder's fixed
 sigma prices an error at (x - m)^2 / (2 sigma^2) nats; the default sigma^2 = 1/2 (a plain sum of squared errors) is
-wide against this model's errors (summary.json: effective_beta 33, beta against the sigma that fits them), so
-the decoder averages away what the small code does not hold. Posterior collapse (Lucas et al. 2019): the KL wins,
+wide against this model's errors (summary.json: effective_beta, beta against the sigma that fits them), so the
+decoder averages away what the small code does not hold. Posterior collapse (Lucas et al. 2019): the KL wins,
 q(z|x) = N(0, I); the run warns at a KL under 1 nat or at most one dim above 0.1 nat. Fix: smaller --beta, --free-bits.
 
-Run:   python 01_vanilla_vae.py                              # shapes, 64 px, 2-6 min on a 2-core CPU
+Run:   python 01_vanilla_vae.py                              # shapes, 64 px, 3,124 steps
        python 01_vanilla_vae.py --beta 50 --max-steps 300    # posterior collapse, and its warning
-See:   runs/01_vanilla_vae/<dataset>-<time>/: recon.png, samples.png, curves.png, summary.json (PSNR 24.4 dB).
+See:   runs/01_vanilla_vae/<dataset>-<time>/: recon.png, samples.png, curves.png, summary.json; the README's numbers.
 Papers: Kingma & Welling 2014; Lucas et al. 2019; Sønderby et al. 2016; Fu et al. 2019; Kingma et al. 2016.
 """
+import csv
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import sys
+import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
 
 import common
+from tools import evaluate
+from tools import flags
+from tools import pictures
+from tools.flags import at_least
 
 SCRIPT = Path(__file__).stem
 
 
-def parse_args(argv=None):
-    parser = common.base_parser(SCRIPT, __doc__, steps=3000)
-    parser.add_argument("--recon", choices=["mse", "bce"], default="mse",
-                        help="Gaussian likelihood on [-1, 1] (tanh) or Bernoulli on [0, 1] (logits) (default: mse)")
-    parser.add_argument("--beta", type=float, default=1.0, help="weight of the KL; 1 = the true ELBO (default: 1.0)")
-    parser.add_argument("--kl-warmup-steps", type=int, default=0, help="ramp beta from 0 over these steps (default: 0)")
-    parser.add_argument("--kl-cycles", type=int, default=0, help="repeat a 0 -> beta ramp this many times (default: 0)")
-    parser.add_argument("--free-bits", type=float, default=0.0, help="free KL nats per dim or channel (default: 0)")
-    args = common.parse_args(parser, argv)
-    if min(args.beta, args.free_bits, args.kl_warmup_steps, args.kl_cycles) < 0:
-        common.fail("--beta, --free-bits, --kl-warmup-steps and --kl-cycles must not be negative")
-    if args.kl_warmup_steps and args.kl_cycles:
-        common.fail("choose one annealing schedule: --kl-warmup-steps or --kl-cycles")
+def parse_args(argv=None, saved=None):
+    """The flags: the ones every chapter takes (tools/flags.py), then this chapter's. `saved`: see flags.parse."""
+    p = flags.parser(SCRIPT, __doc__, steps=3000)
+    p.add_argument("--recon", choices=["mse", "bce"], default="mse", help="Gaussian likelihood on [-1, 1] pixels, or "
+                   "Bernoulli on [0, 1] (default: mse)")
+    p.add_argument("--beta", type=at_least(0.0, float), default=1.0, help="weight of the KL; 1 = the ELBO (default: 1)")
+    p.add_argument("--kl-warmup-steps", type=at_least(0), default=0, help="ramp beta up over these steps (default: 0)")
+    p.add_argument("--kl-cycle-steps", type=at_least(0), default=0, help="restart the ramp every N steps (default: 0)")
+    p.add_argument("--free-bits", type=at_least(0.0, float), default=0.0, help="KL nats per dim left free (default: 0)")
+    args = flags.parse(p, argv, saved)
+    if args.kl_warmup_steps and args.kl_cycle_steps:
+        common.fail("choose one annealing schedule: --kl-warmup-steps or --kl-cycle-steps")
     return args
 
 
 # ----------------------------------------------------------------------------- the loss's pieces
-def recon_loss(raw, x, recon, decoder_std):
-    """-log p(x|z) of each image, summed over its P pixel values: (B,) nats. bce: Bernoulli with logits `raw`,
-    x in [0, 1]: -sum[x log p + (1 - x) log(1 - p)]. mse: Gaussian, mean m = tanh(raw), fixed std sigma, x in
-    [-1, 1]: -log N(x; m, sigma^2) = sum (x - m)^2 / (2 sigma^2) + P log(sigma sqrt(2 pi)); the constant has no
-    gradient and is left out here (common.evaluate adds it back for test_neg_elbo)."""
-    if recon == "bce":
+def recon_loss(raw, x, model, decoder_std):
+    """-log p(x|z) of each image, summed over its P pixel values: (B,) nats. bce: Bernoulli with logits `raw`, x in
+    [0, 1]: -sum[x log p + (1 - x) log(1 - p)]. mse: Gaussian with mean m = model.mean(raw) (tanh(raw); SD's: raw),
+    fixed std sigma, x in [-1, 1]: -log N(x; m, sigma^2) = sum (x - m)^2 / (2 sigma^2) + P log(sigma sqrt(2 pi)); the
+    constant has no gradient and is left out here (tools/evaluate.py adds it back for test_neg_elbo)."""
+    if model.recon == "bce":
         return F.binary_cross_entropy_with_logits(raw, x, reduction="none").flatten(1).sum(1)
-    return (torch.tanh(raw) - x).pow(2).flatten(1).sum(1) / (2 * decoder_std ** 2)
+    return (model.mean(raw) - x).pow(2).flatten(1).sum(1) / (2 * decoder_std ** 2)
 
 
-def kl_weight(step, beta, warmup_steps, cycles, total_steps):
+def kl_weight(step, beta, warmup_steps, cycle_steps):
     """beta_t = beta * (annealing factor in [0, 1]) at optimizer step `step`. Annealing changes the path: it can keep
     a code in use where the optimum has one, not where the optimum itself is collapse (as at beta 50)."""
-    if cycles:  # cyclical (Fu et al. 2019): each of `cycles` periods ramps 0 -> 1 over its first half
-        period = total_steps / cycles
-        return beta * min(1.0, 2.0 * (step % period) / period)
+    if cycle_steps:  # cyclical (Fu et al. 2019): each cycle ramps 0 -> 1 over its first half, then holds
+        return beta * min(1.0, 2.0 * (step % cycle_steps) / cycle_steps)
     # linear warm-up (Sønderby et al. 2016; Bowman et al. 2016 used a sigmoid-shaped one)
     return beta * min(1.0, step / warmup_steps) if warmup_steps else beta
 
@@ -64,29 +78,111 @@ def kl_penalty(kl_per_dim, free_bits):
     return kl_per_dim.clamp(min=free_bits).sum()
 
 
+def diverged(step, out):
+    """Stop every process with exit code 3, keeping the last checkpoint: it holds the last finite weights."""
+    last = out / "checkpoint.pt"
+    kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint had been saved"
+    common.fail(f"training diverged at step {step} (a non-finite loss or weight); {kept}", code=3)
+
+
+def write_rows(path, rows):
+    """metrics.csv or eval.csv, written whole (a few kB a row)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[-1]))
+        writer.writeheader()
+        writer.writerows({k: f"{v:.6g}" for k, v in row.items()} for row in rows)
+
+
 # ----------------------------------------------------------------------------- training
 def main(argv=None):
     args = parse_args(argv)
-    device = common.choose_device(args)  # also seeds torch
-    train, test, _ = common.load_data(args)  # (and shapes' true factors, for tools)
-    model = common.VAE(train.shape[1], args.image_size, args.latent_dim, args.width, args.recon,
-                       channel_mean=common.channel_mean(train), spatial=args.latent == "spatial",
-                       downsample=args.downsample, arch=args.arch).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    run = common.Run(args, SCRIPT, device, train, test=test, model=model, optimizer=optimizer)  # log, resume
-    if run.resumed and args.kl_cycles and run.resumed["total_steps"] != run.total_steps:
-        common.fail("--kl-cycles spreads its cycles over the whole run: a resumed run must keep its length")
-    encoder, decoder = common.prepare(args, model.encoder, model.decoder)  # --compile; DDP under torchrun
+    checkpoint = common.load_checkpoint(args.resume) if args.resume else None
+    if checkpoint:  # --resume: the saved run's flags; those given now win
+        if checkpoint.get("script") != SCRIPT:
+            common.fail(f"{args.resume} was written by {checkpoint.get('script')}.py, not {SCRIPT}.py")
+        args = parse_args(argv, saved=dict(checkpoint["args"], out=str(Path(args.resume).parent)))
+    started = time.time()
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.empty(0, device=device)
+    except (AssertionError, RuntimeError):  # no such device here
+        common.fail(f"--device {args.device} is not available on this machine; use --device auto or cpu")
+    # torchrun starts one process per GPU (or per share of the CPU's cores); each trains on its slice of every batch,
+    # DDP averages their gradients (below), and rank 0 alone prints and writes
+    if "RANK" in os.environ:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        else:
+            torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ["LOCAL_WORLD_SIZE"])))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world = common.rank(), common.world_size()
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")
+    if args.batch_size % world:
+        common.fail(f"--batch-size {args.batch_size} is the global batch: it must split evenly over {world} processes")
+    torch.manual_seed(args.seed)  # the same in every process: the same first weights and the same noise
 
-    for step in run.steps():
-        x = common.to_model_range(run.batches(step), args.recon)  # (B, C, H, W), on the device already
-        beta = kl_weight(step, args.beta, args.kl_warmup_steps, args.kl_cycles, run.total_steps)
-        with common.autocast(device, args):
+    train, test = common.load_data(args)  # uint8 (N, C, H, W)
+    batches = common.Batches(train, args.batch_size, args.seed, device)
+    epochs = args.epochs or math.ceil(args.steps / batches.steps_per_epoch)  # whole epochs, at least args.steps
+    total_steps = min(epochs * batches.steps_per_epoch, args.max_steps or math.inf)
+    model = common.VAE(train.shape[1], args.image_size, args.latent_dim, args.width, args.recon,
+                       spatial=args.latent == "spatial", downsample=args.downsample, arch=args.arch,
+                       channel_mean=common.channel_mean(train)).to(device)
+    if args.init_from and not checkpoint:  # another model's weights (tools.sd_vae import: Stable Diffusion's)
+        common.load_weights(model, args.init_from)
+    if args.train == "decoder":  # the codes stay the loaded model's: its encoder is frozen, in eval mode
+        model.encoder.requires_grad_(False).eval()
+    trained = [p for p in model.parameters() if p.requires_grad]  # --train decoder: the decoder's
+    optimizer = torch.optim.Adam(trained, lr=args.lr)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
+    stateful = {"model": model, "optimizer": optimizer, **({"ema": ema} if ema else {})}  # saved by state_dict()
+    start, rows, evals, row_sum, row_steps = 0, [], [], None, 0
+    if checkpoint:  # the step, weights, optimizer, random state and rows where the run stopped
+        try:
+            for name, thing in stateful.items():
+                thing.load_state_dict(checkpoint[name])
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:
+            common.fail(f"{args.resume} does not fit this model ({str(e)[:200]}); resume with its own flags")
+        start, rows, evals = checkpoint["step"], checkpoint["rows"], checkpoint["evals"]
+        row_sum, row_steps = checkpoint["row_sum"], checkpoint["row_steps"]
+        torch.set_rng_state(checkpoint["rng"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(checkpoint["cuda_rng"])
+    out = Path(args.out or f"runs/{SCRIPT}/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    args.out = str(out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        versions = {name: importlib.metadata.version(name) for name in ("torch", "torchvision", "lpips")}
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or device.type
+        (out / "config.json").write_text(json.dumps({
+            "script": SCRIPT, "args": vars(args), "command": " ".join(sys.argv), "device": f"{device.type}: {name}",
+            "world_size": world, "versions": {"python": platform.python_version(), **versions}}, indent=2) + "\n")
+    print(f"{args.dataset}: {len(train)} training images, {total_steps} steps on {device}"
+          + (f" in {world} processes" if world > 1 else "") + f"; output: {out}")
+    if args.train == "decoder":
+        print("--train decoder: the KL trains nothing (the encoder is frozen); it is logged, not minimised")
+    encoder, decoder = model.encoder, model.decoder
+    if world > 1:  # DDP: gradients averaged over the processes during backward
+        encoder, decoder = [DistributedDataParallel(m) if any(p.requires_grad for p in m.parameters()) else m
+                            for m in (encoder, decoder)]
+    if args.compile:
+        encoder, decoder = torch.compile(encoder), torch.compile(decoder)
+
+    names = ["loss", "recon", "kl", "kl_offset", "kl_scale", "info_bound", "beta"]
+    names += [f"kl_dim_{i}" for i in range(args.latent_dim)]
+    bar = tqdm(total=total_steps, initial=start, desc=SCRIPT, dynamic_ncols=True, disable=rank > 0)
+    clock, timed = time.perf_counter(), 0
+    for step in range(start, total_steps):
+        x = common.to_model_range(batches(step), args.recon)  # (B, C, H, W), on the device already
+        beta = kl_weight(step, args.beta, args.kl_warmup_steps, args.kl_cycle_steps)
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
             mu, logvar = encoder(x)  # q(z|x) = N(mu, exp(logvar)), one Gaussian per latent dim
             # the reparameterization trick: z ~ q(z|x) as a differentiable function of mu and s = exp(logvar / 2)
             z = mu + torch.exp(0.5 * logvar) * common.randn_like(mu)  # torch.randn_like; under torchrun too
             raw = decoder(z)
-        recon = recon_loss(raw.float(), x, args.recon, args.decoder_std).mean()  # nats per image
+        recon = recon_loss(raw.float(), x, model, args.decoder_std).mean()  # nats per image
         # KL(N(mu, s^2) || N(0, 1)) = 1/2 (mu^2 + s^2 - 1 - log s^2), s^2 = exp(logvar), per dim, batch mean, (D,)
         # (photos get a code map, a grid of codes, one per f x f patch: there a dim is a channel, summed)
         kl_per_dim = common.kl_per_dim(mu, logvar)
@@ -94,20 +190,81 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        # the batch's KL split: offset + scale (no information) + a bound on the information (common.kl_split)
-        run.log(step, loss=loss, recon=recon, kl=kl_per_dim.sum(), **common.kl_split(mu, logvar), beta=beta,
-                kl_dim=kl_per_dim)
+        if ema is not None:
+            ema.update_parameters(model)
 
-    # ------------------------------------------------------------------------- evaluation and outputs
-    # train: the training images, for latent_scale_factor (1 / std of the codes; Stable Diffusion's is a fixed 0.18215)
-    metrics, _ = common.evaluate(model, test, lambda raw, x: recon_loss(raw, x, args.recon, args.decoder_std),
-                                 device, args, train=train)
-    run.finish(model, test, metrics,
-               [("loss (nats/image)", ["loss"]), ("reconstruction", ["recon"]),
-                ("KL split (nats)", ["kl", "info_bound", "kl_scale", "kl_offset"]), ("KL weight", ["beta"])],
-               effective_beta=args.beta * (args.decoder_std / metrics["decoder_std_fit"]) ** 2 if args.recon == "mse"
-               else None)  # beta as it would be with the sigma that fits the errors (summary.json: decoder_std_fit)
-    if metrics["test_kl"] < 1.0 or metrics["informative_dims"] <= 1 < args.latent_dim:  # z unused, or all but one dim
+        # the row: each term's mean since the last one, summed on the device; read only when a row is written
+        split = evaluate.kl_split(mu.detach(), logvar.detach())  # this batch's KL: offset + scale + information
+        terms = torch.stack([loss, recon, kl_per_dim.sum(), *split.values(), torch.tensor(beta, device=device)])
+        terms = torch.cat([terms.detach(), kl_per_dim.detach()])
+        row_sum = terms if row_sum is None else row_sum + terms
+        row_steps, timed, done = row_steps + 1, timed + 1, step + 1
+        bar.update()
+        if done % args.log_every == 0 or done == total_steps:
+            means = common.mean_over_processes(row_sum / row_steps).tolist()  # the row's one wait for the device
+            if not all(math.isfinite(v) for v in means):
+                diverged(done, out)
+            rows.append({"step": done, "epoch": step // batches.steps_per_epoch, **dict(zip(names, means)),
+                         "images_per_s": timed * args.batch_size / (time.perf_counter() - clock)})
+            if rank == 0:
+                write_rows(out / "metrics.csv", rows)
+            bar.set_postfix({k: f"{rows[-1][k]:.4g}" for k in ("loss", "recon", "kl")})
+            row_sum, row_steps, clock, timed = None, 0, time.perf_counter(), 0
+        epoch_end = done % batches.steps_per_epoch == 0
+        if epoch_end or done == total_steps or args.checkpoint_every and done % args.checkpoint_every == 0:
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                diverged(done, out)
+            if rank == 0:  # written whole, then renamed over the last one: a kill mid-save leaves that one intact
+                torch.save({"script": SCRIPT, "args": vars(args), "step": done,
+                            **{name: thing.state_dict() for name, thing in stateful.items()},
+                            "rows": rows, "evals": evals, "row_sum": row_sum, "row_steps": row_steps,
+                            "rng": torch.get_rng_state(),
+                            "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None},
+                           out / "checkpoint.pt.tmp")
+                os.replace(out / "checkpoint.pt.tmp", out / "checkpoint.pt")
+        if args.eval_every and done % args.eval_every == 0 and done < total_steps and rank == 0:
+            scored = ema.module if ema else model
+            evals.append({"step": done, **evaluate.quick_scores(scored, test, device, args.amp)})
+            write_rows(out / "eval.csv", evals)
+            pictures.save_pictures(out, scored, test, device, recon_only=True)
+            bar.write(f"eval at step {done}: PSNR {evals[-1]['test_psnr_db']:.2f} dB")
+            model.train()
+            model.encoder.train(args.train == "all")
+    bar.close()
+    if world > 1:
+        dist.destroy_process_group()
+        if rank > 0:
+            return
+
+    # ------------------------------------------------------------------------- evaluation and outputs (rank 0)
+    final = ema.module if ema else model  # --ema: the averaged weights are the ones scored and exported
+    trained = total_steps * args.batch_size  # images: the evaluation is sized to the run (or --eval-images)
+    n = args.eval_images or min(10_000, max(256, trained // 4))  # test images, and training images for BatchNorm
+    metrics = evaluate.measures(final, test[:n], evaluate.sample(train, n), device, decoder_std=args.decoder_std,
+                                dataset=args.dataset, amp=args.amp, seed=args.seed,
+                                recon_loss=lambda raw, x: recon_loss(raw, x, final, args.decoder_std))
+    speeds = [r["images_per_s"] for r in rows[1:] or rows]  # the first row holds one-off set-up
+    summary = {"script": SCRIPT, "dataset": args.dataset, "image_size": args.image_size, "latent_dim": args.latent_dim,
+               "device": str(device), "steps": total_steps, "epochs": total_steps / batches.steps_per_epoch,
+               "wall_s": time.time() - started, "train_images_per_s": sorted(speeds)[len(speeds) // 2],
+               "world_size": world, "parameters": sum(p.numel() for p in model.parameters()), **metrics,
+               "switch_on": pictures.switch_on(rows, args.latent_dim)}
+    if args.recon == "mse":  # beta as it would be with the sigma that fits the errors (decoder_std_fit)
+        summary["effective_beta"] = args.beta * (args.decoder_std / metrics["decoder_std_fit"]) ** 2
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    torch.save({"autoencoder": final.config, "state_dict": final.state_dict(), "script": SCRIPT,
+                "dataset": args.dataset, "latent_scale_factor": metrics["latent_scale_factor"]}, out / "autoencoder.pt")
+    pictures.save_pictures(out, final, test, device, kl_per_dim=metrics["kl_per_dim"])
+    pictures.save_curves(out / "curves.png", rows, [("loss (nats/image)", ["loss"]), ("reconstruction", ["recon"]),
+                         ("KL split (nats)", ["kl", "info_bound", "kl_scale", "kl_offset"]), ("KL weight", ["beta"])])
+    pictures.save_kl_heatmap(out / "kl_per_dim.png", rows, args.latent_dim)
+    shown = {"test_psnr_db": "PSNR (dB)", "test_ssim": "SSIM", "test_lpips": "LPIPS", "test_lpips_vgg": "LPIPS-VGG",
+             "test_fd_vgg": "FD-VGG", "spectrum_error": "spectrum error", "test_kl": "KL (nats)"}
+    print(f"test, {metrics['eval_images']} images: "
+          + ", ".join(f"{label} {metrics[k]:.4g}" for k, label in shown.items() if k in metrics))
+    if total_steps < 200:
+        print(f"note: {total_steps} steps are too short to judge posterior collapse (give it 200 or more)")
+    elif metrics["test_kl"] < 1.0 or metrics["informative_dims"] <= 1 < args.latent_dim:  # z unused, or one dim
         print(f"warning: posterior collapse - {metrics['informative_dims']} of {args.latent_dim} dims over 0.1 nat "
               f"(KL {metrics['test_kl']:.2f} nats): the decoder ignores (most of) z. A smaller --beta, or --free-bits "
               "(nats per dim the KL does not price), moves the optimum; annealing only changes the path to it.")

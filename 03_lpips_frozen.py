@@ -7,45 +7,63 @@ contperceptual.py): loss = [sum (x - m)^2 + lpips_weight * P * LPIPS] / (2 sigma
 Where the code is unsure, the decoder now draws a texture, not a blur (shapes: speckled blobs). The trap: lpips.LPIPS
 freezes only its backbone; lin heads in an optimizer go below zero, and the decoder is paid to paint noise.
 
-Run:   python 03_lpips_frozen.py                              # shapes, 64 px
-       python 03_lpips_frozen.py --unfreeze-lpips --epochs 1  # the incident
-See:   runs/03_lpips_frozen/<dataset>-<time>/: recon.png, summary.json: test_lpips (the net trained against),
-       test_lpips_vgg (VGG16). Against 02 on this schedule: LPIPS-VGG 0.175 (0.199), PSNR 21.2 dB (21.9).
+Run:   python 03_lpips_frozen.py                              # shapes, 64 px, 781 steps
+       python 03_lpips_frozen.py --unfreeze-lpips --epochs 1  # the incident, on purpose
+See:   runs/03_lpips_frozen/<dataset>-<time>/: recon.png; summary.json: test_lpips, test_lpips_vgg (VGG16's).
 """
+import csv
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import sys
+import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
 
 import common
+from tools import evaluate
+from tools import flags
+from tools import pictures
+from tools.flags import at_least
+from tools.lpips_weights import load_lpips
 
 SCRIPT = Path(__file__).stem
 
 
-def parse_args(argv=None):
-    parser = common.base_parser(SCRIPT, __doc__, steps=750)  # 02's 3,000 / 4, C's ramp too: a short CPU run
-    parser.add_argument("--gamma", type=float, default=100.0, help="weight of |KL - C| (default: 100)")
-    parser.add_argument("--capacity-max", type=float, default=None, help="C_max, nats (default: 25; 1.5 per map value)")
-    parser.add_argument("--capacity-steps", type=int, default=500, help="steps for C to reach C_max (default: 500)")
-    parser.add_argument("--no-centring", action="store_true",
-                        help="do not centre a code vector's mu: C may then be a shift of every code (default: off)")
-    parser.add_argument("--lpips-weight", type=float, default=1.0, help="weight of LPIPS per pixel value (default: 1)")
-    parser.add_argument("--lpips-net", choices=["alex", "vgg"], default="alex", help="LPIPS backbone (default: alex)")
-    parser.add_argument("--lpips-random-backbone", action="store_true",
-                        help="for tests and smoke runs only: NOT a perceptual metric (default: off)")
-    parser.add_argument("--unfreeze-lpips", action="store_true", help="train the lin heads: an incident (default: off)")
-    args = common.parse_args(parser, argv)
+def parse_args(argv=None, saved=None):
+    """The flags: the ones every chapter takes (tools/flags.py), then this chapter's. `saved`: see flags.parse."""
+    p = flags.parser(SCRIPT, __doc__, steps=750)  # 02's 3,000 / 4, C's ramp too: a short CPU run
+    p.add_argument("--gamma", type=at_least(0.0, float), default=100.0, help="weight of |KL - C| (default: 100)")
+    p.add_argument("--capacity-max", type=at_least(0.0, float), help="C_max, nats (default: 25; 1.5 per map value)")
+    p.add_argument("--capacity-steps", type=at_least(0), default=500, help="steps to C_max (default: 500)")
+    p.add_argument("--no-centring", action="store_true",
+                   help="do not centre a code vector's mu: C may then be a shift of every code (default: off)")
+    p.add_argument("--lpips-weight", type=at_least(0.0, float), default=1.0, help="LPIPS per pixel value (default: 1)")
+    p.add_argument("--lpips-net", choices=["alex", "vgg"], default="alex", help="LPIPS's backbone (default: alex)")
+    p.add_argument("--lpips-random-backbone", action="store_true",
+                   help="for tests and smoke runs only: NOT a perceptual metric (default: off)")
+    p.add_argument("--unfreeze-lpips", action="store_true", help="train the lin heads: an incident (default: off)")
+    args = flags.parse(p, argv, saved)
     args.recon = "mse"  # from here on a Gaussian decoder: LPIPS compares images in [-1, 1]
-    if min(args.gamma, args.capacity_max, args.capacity_steps) < 0:
-        common.fail("--gamma, --capacity-max and --capacity-steps must not be negative")
-    if args.lpips_weight < 0:
-        common.fail("--lpips-weight must not be negative")
+    if args.capacity_max is None and args.latent == "vector":  # Burgess et al.'s 25 nats
+        args.capacity_max = 25.0
+    elif args.capacity_max is None:  # 1.5 nats per value of a code map
+        args.capacity_max = 1.5 * args.latent_dim * (args.image_size // args.downsample) ** 2
     return args
 
 
 # ----------------------------------------------------------------------------- the loss's pieces
-def recon_loss(raw, x, decoder_std):
-    """-log N(x; tanh(raw), sigma^2) of each image, up to 01's constant: sum (x - m)^2 / (2 sigma^2), (B,) nats."""
-    return (torch.tanh(raw) - x).pow(2).flatten(1).sum(1) / (2 * decoder_std ** 2)
+def recon_loss(mean, x, decoder_std):
+    """-log N(x; m, sigma^2) of each image, up to 01's constant: sum (x - m)^2 / (2 sigma^2), (B,) nats; m = mean."""
+    return (mean - x).pow(2).flatten(1).sum(1) / (2 * decoder_std ** 2)
 
 
 def capacity(step, capacity_max, capacity_steps):
@@ -54,85 +72,232 @@ def capacity(step, capacity_max, capacity_steps):
 
 
 def lowest_lin_weight(perceptual):
-    """The smallest weight of the lin heads: 0 or above as released, below 0 once trained."""
+    """The smallest weight of LPIPS's lin heads: 0 or above as released, below 0 once trained."""
     return torch.stack([p.min() for p in perceptual.lins.parameters()]).min()
+
+
+def diverged(step, out):
+    """Stop every process with exit code 3, keeping the last checkpoint: it holds the last finite weights."""
+    last = out / "checkpoint.pt"
+    kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint had been saved"
+    common.fail(f"training diverged at step {step} (a non-finite loss or weight); {kept}", code=3)
+
+
+def write_rows(path, rows):
+    """metrics.csv or eval.csv, written whole (a few kB a row)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[-1]))
+        writer.writeheader()
+        writer.writerows({k: f"{v:.6g}" for k, v in row.items()} for row in rows)
 
 
 # ----------------------------------------------------------------------------- training
 def main(argv=None):
     args = parse_args(argv)
-    device = common.choose_device(args)  # also seeds torch
-    train, test, _ = common.load_data(args)  # (and shapes' true factors, for tools)
-    perceptual, backbone_file = common.load_lpips(args.lpips_net, args.lpips_random_backbone, device)  # or exit 2
-    lpips_vgg = None if args.lpips_random_backbone else common.load_lpips("vgg", False, device, required=False)[0]
-    # lpips.LPIPS freezes only its backbone: freeze all of it, in eval mode (--unfreeze-lpips thaws the lin heads below)
-    perceptual.eval().requires_grad_(False)
-    model = common.VAE(train.shape[1], args.image_size, args.latent_dim, args.width, args.recon,
-                       channel_mean=common.channel_mean(train), spatial=args.latent == "spatial",
-                       centre_mu=not args.no_centring, downsample=args.downsample, arch=args.arch).to(device)
-    perceptual.lins.requires_grad_(args.unfreeze_lpips)  # --unfreeze-lpips: the incident, on purpose
-    if not args.unfreeze_lpips and any(p.requires_grad for p in perceptual.parameters()):
-        raise RuntimeError("an LPIPS parameter still requires grad")
-    trained = [*model.parameters(), *(p for p in perceptual.parameters() if p.requires_grad)]  # LPIPS: only if unfrozen
-    optimizer = torch.optim.Adam(trained, lr=args.lr)
-    negative_weight_step, negative_lpips_step = (torch.zeros((), dtype=torch.long, device=device) for _ in range(2))
-    run = common.Run(args, SCRIPT, device, train, test=test, perceptual=perceptual, model=model, optimizer=optimizer,
-                     lpips_lins=perceptual.lins, negative_weight_step=negative_weight_step,
-                     negative_lpips_step=negative_lpips_step)
-    encoder, decoder = common.prepare(args, model.encoder, model.decoder)  # --compile; DDP under torchrun
+    checkpoint = common.load_checkpoint(args.resume) if args.resume else None
+    if checkpoint:  # --resume: the saved run's flags; those given now win
+        if checkpoint.get("script") != SCRIPT:
+            common.fail(f"{args.resume} was written by {checkpoint.get('script')}.py, not {SCRIPT}.py")
+        args = parse_args(argv, saved=dict(checkpoint["args"], out=str(Path(args.resume).parent)))
+    started = time.time()
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.empty(0, device=device)
+    except (AssertionError, RuntimeError):  # no such device here
+        common.fail(f"--device {args.device} is not available on this machine; use --device auto or cpu")
+    # torchrun starts one process per GPU (or per share of the CPU's cores); each trains on its slice of every batch,
+    # DDP averages their gradients (below), and rank 0 alone prints and writes
+    if "RANK" in os.environ:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        else:
+            torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ["LOCAL_WORLD_SIZE"])))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world = common.rank(), common.world_size()
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")
+    if args.batch_size % world:
+        common.fail(f"--batch-size {args.batch_size} is the global batch: it must split evenly over {world} processes")
+    torch.manual_seed(args.seed)  # the same in every process: the same first weights and the same noise
 
-    for step in run.steps():
-        x = common.to_model_range(run.batches(step), args.recon)  # (B, C, H, W), on the device already
+    train, test = common.load_data(args)  # uint8 (N, C, H, W)
+    perceptual, backbone_file = load_lpips(args.lpips_net, args.lpips_random_backbone, device)  # or exit 2
+    lpips_vgg = None if args.lpips_random_backbone else load_lpips("vgg", False, device, required=False)[0]
+    # lpips.LPIPS freezes only its backbone: freeze all of it, in eval mode (--unfreeze-lpips thaws the lin heads)
+    perceptual.eval().requires_grad_(False)
+    perceptual.lins.requires_grad_(args.unfreeze_lpips)  # --unfreeze-lpips: the incident, on purpose
+    batches = common.Batches(train, args.batch_size, args.seed, device)
+    epochs = args.epochs or math.ceil(args.steps / batches.steps_per_epoch)  # whole epochs, at least args.steps
+    total_steps = min(epochs * batches.steps_per_epoch, args.max_steps or math.inf)
+    model = common.VAE(train.shape[1], args.image_size, args.latent_dim, args.width, args.recon,
+                       spatial=args.latent == "spatial", downsample=args.downsample, arch=args.arch,
+                       centre_mu=args.latent == "vector" and not args.no_centring,  # mu = W BatchNorm(h)
+                       channel_mean=common.channel_mean(train)).to(device)
+    if args.init_from and not checkpoint:  # another model's weights (tools.sd_vae import: Stable Diffusion's)
+        common.load_weights(model, args.init_from)
+    if args.train == "decoder":  # the codes stay the loaded model's: its encoder is frozen, in eval mode
+        model.encoder.requires_grad_(False).eval()
+    trained = [p for p in [*model.parameters(), *perceptual.parameters()] if p.requires_grad]  # LPIPS: if unfrozen
+    optimizer = torch.optim.Adam(trained, lr=args.lr)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
+    stateful = {"model": model, "optimizer": optimizer, **({"ema": ema} if ema else {})}  # saved by state_dict()
+    stateful["lpips_lins"] = perceptual.lins  # trained with --unfreeze-lpips
+    start, rows, evals, row_sum, row_steps = 0, [], [], None, 0
+    first_negative = torch.zeros(2, dtype=torch.long, device=device)  # step a lin weight, an image's LPIPS went < 0
+    if checkpoint:  # the step, weights, optimizer, random state and rows where the run stopped
+        try:
+            for name, thing in stateful.items():
+                thing.load_state_dict(checkpoint[name])
+            first_negative.copy_(checkpoint["first_negative"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:
+            common.fail(f"{args.resume} does not fit this model ({str(e)[:200]}); resume with its own flags")
+        start, rows, evals = checkpoint["step"], checkpoint["rows"], checkpoint["evals"]
+        row_sum, row_steps = checkpoint["row_sum"], checkpoint["row_steps"]
+        torch.set_rng_state(checkpoint["rng"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(checkpoint["cuda_rng"])
+    out = Path(args.out or f"runs/{SCRIPT}/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    args.out = str(out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        versions = {name: importlib.metadata.version(name) for name in ("torch", "torchvision", "lpips")}
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or device.type
+        (out / "config.json").write_text(json.dumps({
+            "script": SCRIPT, "args": vars(args), "command": " ".join(sys.argv), "device": f"{device.type}: {name}",
+            "world_size": world, "versions": {"python": platform.python_version(), **versions}}, indent=2) + "\n")
+    print(f"{args.dataset}: {len(train)} training images, {total_steps} steps on {device}"
+          + (f" in {world} processes" if world > 1 else "") + f"; output: {out}")
+    gamma = args.gamma if args.train == "all" else 0.0  # no capacity pull on a frozen encoder
+    if args.train == "decoder":
+        print("--train decoder: the KL trains nothing (the encoder is frozen); it is logged, not minimised")
+    encoder, decoder = model.encoder, model.decoder
+    if world > 1 and device.type == "cuda":  # the centring's BatchNorm: the global batch's statistics
+        encoder = nn.SyncBatchNorm.convert_sync_batchnorm(encoder)  # (on a CPU, each process's slice's)
+    if world > 1:  # DDP: gradients averaged over the processes during backward
+        encoder, decoder = [DistributedDataParallel(m) if any(p.requires_grad for p in m.parameters()) else m
+                            for m in (encoder, decoder)]
+    if args.compile:
+        encoder, decoder = torch.compile(encoder), torch.compile(decoder)
+
+    names = ["loss", "recon", "kl", "kl_offset", "kl_scale", "info_bound", "capacity", "lpips", "lpips_lin_min"]
+    names += [f"kl_dim_{i}" for i in range(args.latent_dim)]
+    bar = tqdm(total=total_steps, initial=start, desc=SCRIPT, dynamic_ncols=True, disable=rank > 0)
+    clock, timed = time.perf_counter(), 0
+    for step in range(start, total_steps):
+        x = common.to_model_range(batches(step), args.recon)  # (B, C, H, W), on the device already
         target = capacity(step, args.capacity_max, args.capacity_steps)  # C at this step, nats
-        with common.autocast(device, args):
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
             mu, logvar = encoder(x)  # q(z|x) = N(mu, exp(logvar)), one Gaussian per latent dim
             # the reparameterization trick: z ~ q(z|x) as a differentiable function of mu and s = exp(logvar / 2)
             z = mu + torch.exp(0.5 * logvar) * common.randn_like(mu)  # torch.randn_like; under torchrun too
             raw = decoder(z)
-        recon = recon_loss(raw.float(), x, args.decoder_std).mean()  # nats per image
-        perceptual_per_image = common.lpips_distance(perceptual, torch.tanh(raw.float()), x)  # (B,), in float32
+        reconstruction = model.mean(raw.float())  # the decoder's mean image, in [-1, 1] (SD's decoder: unbounded)
+        recon = recon_loss(reconstruction, x, args.decoder_std).mean()  # nats per image
+        perceptual_per_image = common.lpips_distance(perceptual, reconstruction, x)  # (B,), in float32
         # KL(N(mu, s^2) || N(0, 1)) = 1/2 (mu^2 + s^2 - 1 - log s^2), s^2 = exp(logvar), per dim, batch mean, (D,)
         # (photos get a code map, a grid of codes, one per f x f patch: there a dim is a channel, summed)
         kl_per_dim = common.kl_per_dim(mu, logvar)
-        loss = recon + args.gamma * (kl_per_dim.sum() - target).abs()  # Burgess et al.'s objective
-        loss = loss + args.lpips_weight * x[0].numel() * perceptual_per_image.mean() / (2 * args.decoder_std ** 2)
+        lpips_term = args.lpips_weight * x[0].numel() * perceptual_per_image.mean() / (2 * args.decoder_std ** 2)
+        loss = recon + lpips_term + gamma * (kl_per_dim.sum() - target).abs()  # LPIPS priced per pixel value
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if args.unfreeze_lpips and world > 1:  # the lin heads are outside DDP: their gradients averaged here
+            for p in perceptual.lins.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world
         optimizer.step()
-        # the first step at which a lin weight, or an image's LPIPS, went below zero; on the device: no host sync
-        if args.unfreeze_lpips:
-            negative_weight_step.masked_fill_((negative_weight_step == 0) & (lowest_lin_weight(perceptual) < 0),
-                                              step + 1)
-        negative_lpips_step.masked_fill_((negative_lpips_step == 0) & (perceptual_per_image.min() < 0), step + 1)
-        # the batch's KL split: offset + scale (no information) + a bound on the information (common.kl_split)
-        run.log(step, loss=loss, recon=recon, kl=kl_per_dim.sum(), **common.kl_split(mu, logvar), capacity=target,
-                kl_dim=kl_per_dim, lpips=perceptual_per_image.mean(), lpips_lin_min=lowest_lin_weight(perceptual))
+        if ema is not None:
+            ema.update_parameters(model)
 
-    # ------------------------------------------------------------------------- evaluation and outputs
-    # train: the training images, for BatchNorm's statistics and latent_scale_factor (1 / std of the codes)
-    metrics, _ = common.evaluate(model, test, lambda raw, x: recon_loss(raw, x, args.decoder_std),
-                                 device, args, train=train,
-                                 extra=lambda x, mean: {"test_lpips": common.lpips_distance(perceptual, mean, x)})
-    if lpips_vgg is not None:  # on 1,000 test images: a VGG step costs ~45x AlexNet's (docs/speed.md)
-        metrics.update(common.vgg_scores(lpips_vgg, common.reconstructions(model, test[:1000], device, args)))
-    ramp = torch.tensor([[r["kl"], r["capacity"]] for r in run.rows if r["step"] <= args.capacity_steps])
-    follows = {"kl_capacity_correlation": torch.corrcoef(ramp.T)[0, 1].item(),  # does the KL follow C, in shape
-               "kl_capacity_gap": (ramp[:, 0] - ramp[:, 1]).abs().mean().item()} if len(ramp) > 2 else {}  # in nats
-    incident = [s for s in (int(negative_weight_step), int(negative_lpips_step)) if s > 0]
-    for what, first in [("a lin weight", negative_weight_step), ("an image's LPIPS", negative_lpips_step)]:
-        if int(first):  # say it loudly
-            print(f"LPIPS INCIDENT at step {int(first)}: {what} went below zero; LPIPS was trained. Freeze it.")
-    run.finish(model, test, metrics,
-               [("loss (nats/image)", ["loss"]), ("reconstruction", ["recon"]),
-                ("KL follows C (nats)", ["kl", "capacity", "info_bound", "kl_scale", "kl_offset"]),
-                ("LPIPS", ["lpips"])], {"LPIPS incident": min(incident)} if incident else None,
-               capacity_at=lambda step: capacity(step, args.capacity_max, args.capacity_steps), **follows,
-               lpips_net=args.lpips_net, lpips_backbone="random" if args.lpips_random_backbone else "imagenet",
-               lpips_backbone_file=backbone_file, lpips_incident_step=min(incident) if incident else None,
-               lpips_trainable_params=sum(p.numel() for p in perceptual.parameters() if p.requires_grad),
-               lpips_negative_weight_step=int(negative_weight_step) or None,
-               lpips_negative_value_step=int(negative_lpips_step) or None)
+        # the row: each term's mean since the last one, summed on the device; read only when a row is written
+        split = evaluate.kl_split(mu.detach(), logvar.detach())  # this batch's KL: offset + scale + information
+        lowest = torch.stack([lowest_lin_weight(perceptual), perceptual_per_image.min()]).detach()
+        first_negative.masked_fill_((first_negative == 0) & (lowest < 0), step + 1)  # on the device: no waiting
+        terms = torch.stack([loss, recon, kl_per_dim.sum(), *split.values(), torch.tensor(target, device=device),
+                             perceptual_per_image.mean(), lowest[0]])
+        terms = torch.cat([terms.detach(), kl_per_dim.detach()])
+        row_sum = terms if row_sum is None else row_sum + terms
+        row_steps, timed, done = row_steps + 1, timed + 1, step + 1
+        bar.update()
+        if done % args.log_every == 0 or done == total_steps:
+            means = common.mean_over_processes(row_sum / row_steps).tolist()  # the row's one wait for the device
+            if not all(math.isfinite(v) for v in means):
+                diverged(done, out)
+            rows.append({"step": done, "epoch": step // batches.steps_per_epoch, **dict(zip(names, means)),
+                         "images_per_s": timed * args.batch_size / (time.perf_counter() - clock)})
+            if rank == 0:
+                write_rows(out / "metrics.csv", rows)
+            bar.set_postfix({k: f"{rows[-1][k]:.4g}" for k in ("loss", "recon", "kl")})
+            row_sum, row_steps, clock, timed = None, 0, time.perf_counter(), 0
+        epoch_end = done % batches.steps_per_epoch == 0
+        if epoch_end or done == total_steps or args.checkpoint_every and done % args.checkpoint_every == 0:
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                diverged(done, out)
+            if rank == 0:  # written whole, then renamed over the last one: a kill mid-save leaves that one intact
+                torch.save({"script": SCRIPT, "args": vars(args), "step": done,
+                            **{name: thing.state_dict() for name, thing in stateful.items()},
+                            "first_negative": first_negative,
+                            "rows": rows, "evals": evals, "row_sum": row_sum, "row_steps": row_steps,
+                            "rng": torch.get_rng_state(),
+                            "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None},
+                           out / "checkpoint.pt.tmp")
+                os.replace(out / "checkpoint.pt.tmp", out / "checkpoint.pt")
+        if args.eval_every and done % args.eval_every == 0 and done < total_steps and rank == 0:
+            scored = ema.module if ema else model
+            evals.append({"step": done, **evaluate.quick_scores(scored, test, device, args.amp, perceptual)})
+            write_rows(out / "eval.csv", evals)
+            pictures.save_pictures(out, scored, test, device, recon_only=True)
+            bar.write(f"eval at step {done}: PSNR {evals[-1]['test_psnr_db']:.2f} dB")
+            model.train()
+            model.encoder.train(args.train == "all")
+    bar.close()
+    if world > 1:
+        dist.destroy_process_group()
+        if rank > 0:
+            return
 
+    # ------------------------------------------------------------------------- evaluation and outputs (rank 0)
+    final = ema.module if ema else model  # --ema: the averaged weights are the ones scored and exported
+    trained = total_steps * args.batch_size  # images: the evaluation is sized to the run (or --eval-images)
+    n = args.eval_images or min(10_000, max(256, trained // 4))  # test images, and training images for BatchNorm
+    metrics = evaluate.measures(final, test[:n], evaluate.sample(train, n), device, decoder_std=args.decoder_std,
+                                dataset=args.dataset, amp=args.amp, seed=args.seed,
+                                perceptual=perceptual, vgg=lpips_vgg, vgg_images=min(1000, max(32, trained // 40)))
+    negative = [int(s) for s in first_negative if s > 0]
+    incident = min(negative) if negative else None  # the first step of the LPIPS incident
+    speeds = [r["images_per_s"] for r in rows[1:] or rows]  # the first row holds one-off set-up
+    summary = {"script": SCRIPT, "dataset": args.dataset, "image_size": args.image_size, "latent_dim": args.latent_dim,
+               "device": str(device), "steps": total_steps, "epochs": total_steps / batches.steps_per_epoch,
+               "wall_s": time.time() - started, "train_images_per_s": sorted(speeds)[len(speeds) // 2],
+               "world_size": world, "parameters": sum(p.numel() for p in model.parameters()), **metrics,
+               "switch_on": [dict(e, capacity=capacity(e["step"], args.capacity_max, args.capacity_steps))
+                             for e in pictures.switch_on(rows, args.latent_dim)],
+               "capacity_final": capacity(total_steps, args.capacity_max, args.capacity_steps),
+               "lpips_backbone": "random" if args.lpips_random_backbone else "imagenet",
+               "lpips_backbone_file": backbone_file, "lpips_incident_step": incident,
+               "lpips_trainable_params": sum(p.numel() for p in perceptual.parameters() if p.requires_grad)}
+    ramp = torch.tensor([[r["kl"], r["capacity"]] for r in rows if r["step"] <= args.capacity_steps])
+    if len(ramp) > 2:  # does the KL follow C: in shape (correlation) and in nats (mean gap)
+        summary["kl_capacity_correlation"] = torch.corrcoef(ramp.T)[0, 1].item()
+        summary["kl_capacity_gap"] = (ramp[:, 0] - ramp[:, 1]).abs().mean().item()
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    torch.save({"autoencoder": final.config, "state_dict": final.state_dict(), "script": SCRIPT,
+                "dataset": args.dataset, "latent_scale_factor": metrics["latent_scale_factor"]}, out / "autoencoder.pt")
+    pictures.save_pictures(out, final, test, device, kl_per_dim=metrics["kl_per_dim"])
+    pictures.save_curves(out / "curves.png", rows, [("loss (nats/image)", ["loss"]), ("reconstruction", ["recon"]),
+                         ("KL follows C (nats)", ["kl", "capacity", "info_bound", "kl_scale", "kl_offset"]),
+                         ("LPIPS", ["lpips"])], {"LPIPS incident": incident} if incident else None)
+    pictures.save_kl_heatmap(out / "kl_per_dim.png", rows, args.latent_dim)
+    shown = {"test_psnr_db": "PSNR (dB)", "test_ssim": "SSIM", "test_lpips": "LPIPS", "test_lpips_vgg": "LPIPS-VGG",
+             "test_fd_vgg": "FD-VGG", "spectrum_error": "spectrum error", "test_kl": "KL (nats)"}
+    print(f"test, {metrics['eval_images']} images: "
+          + ", ".join(f"{label} {metrics[k]:.4g}" for k, label in shown.items() if k in metrics))
+    on = [f"z{e['dim']} at step {e['step']} (C {e['capacity']:.1f})" for e in summary["switch_on"]]
+    print("dims switched on (KL > 0.5 nats): " + (", ".join(on) or "none"))
+    for what, first in zip(["a lin weight", "an image's LPIPS"], first_negative.tolist()):
+        if first:  # say it loudly
+            print(f"LPIPS INCIDENT at step {first}: {what} went below zero; LPIPS was trained. Freeze it.")
 
 if __name__ == "__main__":
     main()

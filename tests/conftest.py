@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from tools import load_script  # noqa: E402,F401  (the tests import it from here)
-from tools.position_code import checkpoint_codes  # noqa: E402,F401
+from tools import load_script
+
+ROOT = Path(__file__).resolve().parents[1]  # pytest.ini's pythonpath puts it on sys.path: `import common` works
 
 # No test sees the user's downloaded or converted LPIPS backbones: an empty torch.hub folder for every test and
 # every script it runs (tests that need a backbone file place one in their own TORCH_HOME).

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import common
-from conftest import QUICK, assert_clean_error, checkpoint_codes, load_script, read_rows, run_cli
+from conftest import QUICK, assert_clean_error, load_script, read_rows, run_cli
+from tools import pictures
 from tools import position_code
+from tools.position_code import run_codes
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +127,9 @@ def test_switch_on_steps_takes_the_first_crossing():
     kl = {10: [0.1, 0.0, 0.6], 20: [0.7, 0.0, 0.2], 30: [0.2, 0.0, 0.9], 40: [0.9, 0.4, 0.9]}  # step: dims 0-2
     rows = [{"step": s, **{f"kl_dim_{i}": v for i, v in enumerate(values)}} for s, values in kl.items()]
     # dim 2 crosses first (step 10), dips, and stays at 10; dim 0 crosses at 20; dim 1 never passes 0.5
-    found = common.switch_on(rows, [0.5, 0.4, 0.9])
+    found = pictures.switch_on(rows, 3)
     assert [(e["dim"], e["step"]) for e in found] == [(2, 10), (0, 20)]
-    found = common.switch_on(rows, [0.5, 0.4, 0.9], threshold=0.3)
+    found = pictures.switch_on(rows, 3, threshold=0.3)
     assert [(e["dim"], e["step"]) for e in found] == [(2, 10), (0, 20), (1, 40)]
 
 
@@ -175,7 +177,7 @@ def test_position_code_reads_a_run_folder(run02):
     assert result.returncode == 0, result.stderr[-2000:]
     pattern = r"(\d+)% of its variance in one direction, (\d+)% in two; in that plane it turns (\d+) degrees"
     printed = [list(map(float, m.groups())) for m in re.finditer(pattern, result.stdout)]
-    mu, factors = checkpoint_codes(run02)  # the same numbers, computed here from the checkpoint
+    mu, factors = run_codes(run02)  # the same numbers, computed here from autoencoder.pt
     expected = [curve_shape(mu, factors[:, k], 32)[:3] for k in (3, 4)]
     assert len(printed) == 2
     for shown, (first, two, turn) in zip(printed, expected):
@@ -193,8 +195,8 @@ def test_position_code_reads_a_run_folder(run02):
 
 
 def test_position_code_refuses_a_run_without_true_factors(tmp_path):
-    common.save_checkpoint(tmp_path / "checkpoint.pt", script="02_burgess_capacity", model={},
-                           args={"dataset": "fashion-mnist", "image_size": 32, "latent_dim": 10, "width": 32})
+    (tmp_path / "config.json").write_text(json.dumps({"script": "02_burgess_capacity", "args": {
+        "dataset": "fashion-mnist", "image_size": 32, "latent_dim": 10, "width": 32}}))
     result = run_cli("tools.position_code", tmp_path, timeout=120)
     assert result.returncode == 2
     assert_clean_error(result.stderr, "fashion-mnist run", "only for shapes")

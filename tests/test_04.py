@@ -1,8 +1,8 @@
-"""04_vae_gan_warmup.py: the adaptive weight against two separate backward passes, the warm-up gate,
-hinge values, spectral norm by default, the collapse monitor on synthetic series,
-and a short run that leaves every contract file."""
-import argparse
+"""04_vae_gan_warmup.py: the adaptive weight against two separate backward passes, the warm-up gate, hinge values,
+spectral norm by default, the collapse monitor on synthetic series and on a real spike, warnings and D's start kept
+across a resume, the L1 pixel loss, and a short run that leaves every contract file."""
 import json
+import os
 
 import pytest
 import torch
@@ -71,8 +71,8 @@ def _rows(recon, norm=None, peak=None, every=50):
     """Metrics rows: recon, the decoder's gradient norm (the row's mean) and its largest single step."""
     norm = norm or [30.0] * len(recon)
     peak = peak or [2 * n for n in norm]  # a healthy row's largest step: about twice its mean
-    return [{"step": every * (i + 1), "recon": recon[i], "dec_grad_norm": norm[i], "dec_grad_norm_max": peak[i]}
-            for i in range(len(recon))]
+    return [{"step": every * (i + 1), "recon": recon[i], "dec_grad_norm": norm[i], "dec_grad_norm_max": peak[i],
+             "adv_rec_grad_ratio": 0.0} for i in range(len(recon))]
 
 
 def test_collapse_monitor_fires_on_spike_and_rebound(gan04):
@@ -95,23 +95,46 @@ def test_collapse_monitor_fires_on_spike_and_rebound(gan04):
     assert gan04.collapse_symptoms(rebound_before_d, disc_start_step=1000) == {}  # before D: not a GAN symptom
 
 
-def test_a_single_step_spike_is_seen(gan04, tmp_path):
-    # One step at ~55x the others, injected into Run.log as 04 hands it over: the row's mean only about doubles,
-    # its peak is ~55x, and the monitor warns on that row and on no other.
-    args = argparse.Namespace(batch_size=2, seed=0, epochs=1, steps=1, max_steps=0, log_every=50, resume=None,
-                              checkpoint_every=0, eval_every=0,
-                              out=str(tmp_path), dataset="shapes")
-    images = torch.zeros(400, 1, 2, 2, dtype=torch.uint8)  # 200 steps
-    run = common.Run(args, "04_vae_gan_warmup", torch.device("cpu"), images)
-    warned = {}
-    for step in run.steps():
-        norm = torch.tensor(1800.0 if step == 120 else 30.0 + step % 7)
-        row = run.log(step, peaks={"dec_grad_norm_max": norm}, recon=torch.tensor(100.0), dec_grad_norm=norm)
-        if row:
-            warned[row["step"]] = set(gan04.collapse_symptoms(run.rows, disc_start_step=0))
-    assert run.rows[2]["dec_grad_norm"] < 3 * run.rows[1]["dec_grad_norm"]  # the mean barely shows it
-    assert run.rows[2]["dec_grad_norm_max"] == 1800.0
-    assert warned == {50: set(), 100: set(), 150: {"gradient spike"}, 200: set()}
+def test_a_single_step_spike_is_seen(gan04, tmp_path, monkeypatch):
+    # One step's decoder gradient norm at 50x the others, injected where 04 measures it: the row's mean dilutes it over
+    # the row's 10 steps, its peak does not, and the monitor warns of a spike on that row and on no other.
+    real_clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip_and_spike(params, max_norm):
+        calls.append(real_clip(params, max_norm))
+        return calls[-1] * 50 if len(calls) == 25 else calls[-1]
+    monkeypatch.setattr(gan04.nn.utils, "clip_grad_norm_", clip_and_spike)
+    gan04.main([*QUICK, "--lpips-random-backbone", "--max-steps", "40", "--disc-start", "0", "--log-every", "10",
+                "--out", str(tmp_path)])
+    rows = read_rows(tmp_path / "metrics.csv")
+    assert rows[2]["dec_grad_norm_max"] == pytest.approx(50 * calls[24].item(), rel=1e-5)  # step 25, in row 30
+    assert rows[2]["dec_grad_norm"] < rows[2]["dec_grad_norm_max"] / 5  # the mean: a tenth of it, plus the rest
+    warnings = json.loads((tmp_path / "summary.json").read_text())["collapse_warnings"]
+    assert [w for w in warnings if "gradient spike" in w] == [next(w for w in warnings if w.startswith("step 30:"))]
+
+
+def test_a_warning_survives_a_kill_right_after_its_checkpoint(gan04, tmp_path, monkeypatch):
+    # The naive GAN at 32 px first warns on the row of step 5; the run is stopped just after the checkpoint of that
+    # same step is written, resumed, and must end with the warnings of the run that was never stopped.
+    flags = [*QUICK, "--lpips-random-backbone", "--max-steps", "30", "--capacity-steps", "15", "--log-every", "5",
+             "--checkpoint-every", "5", "--disc-weight", "0.5", "--disc-start", "0", "--no-adaptive-weight",
+             "--no-spectral-norm"]
+    gan04.main([*flags, "--out", str(tmp_path / "whole")])
+    real_replace = os.replace
+
+    def replace_then_die(src, dst):
+        real_replace(src, dst)
+        if torch.load(dst, weights_only=True)["step"] == 5:
+            raise KeyboardInterrupt  # a kill between the checkpoint and the next step
+    monkeypatch.setattr(os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        gan04.main([*flags, "--out", str(tmp_path / "killed")])
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert common.load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["warnings_seen"]  # step 5's, saved
+    gan04.main(["--resume", str(tmp_path / "killed" / "checkpoint.pt")])
+    whole, killed = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("whole", "killed"))
+    assert killed["collapse_warnings"] == whole["collapse_warnings"] and any(
+        w.startswith("step 5:") for w in whole["collapse_warnings"])
 
 
 def test_collapse_monitor_flags_d_outpulling_the_reconstruction(gan04):
@@ -226,8 +249,17 @@ def test_d_starts_half_way_by_default_and_a_run_too_short_says_so(tmp_path):
     # C reaches C_max at step 100, after the run's end: D would start there, so it never acts, and the run says so
     result = run_cli("04_vae_gan_warmup", *flags, "--capacity-steps", "100", "--out", tmp_path / "late")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "D would start at step 100, but the run ends at step 40: it never acts" in result.stdout
+    assert "D would start at step 100, after the run's end" in result.stdout
     assert json.loads((tmp_path / "late" / "summary.json").read_text())["disc_steps"] == 0
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_its_default_d_start_when_it_gets_longer(gan04, tmp_path):
+    # D's default start is half the run; a resumed run given more steps keeps the start it began with
+    args = [*QUICK, "--lpips-random-backbone", "--log-every", "10", "--capacity-steps", "10", "--out", str(tmp_path)]
+    gan04.main([*args, "--max-steps", "40"])
+    gan04.main(["--resume", str(tmp_path / "checkpoint.pt"), "--max-steps", "60"])
+    assert json.loads((tmp_path / "summary.json").read_text())["disc_start_step"] == 20  # not 30
 
 
 @pytest.mark.slow
@@ -255,6 +287,12 @@ def test_adversarial_term_is_priced_like_the_pixel_terms(tmp_path):
         expected = (r["recon"] + 100 * abs(r["kl"] - r["capacity"]) + pixels * r["lpips"] * price
                     + 3 * pixels * r["g_loss"] * price)
         assert r["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-2), r["step"]
+
+
+def test_l1_pixel_loss(gan04):
+    mean, x = torch.rand(3, 2, 4, 4) * 2 - 1, torch.rand(3, 2, 4, 4) * 2 - 1
+    torch.testing.assert_close(gan04.recon_loss(mean, x, 0.5, "l1"), (mean - x).abs().sum((1, 2, 3)) / 0.5)
+    torch.testing.assert_close(gan04.recon_loss(mean, x, 0.5), (mean - x).pow(2).sum((1, 2, 3)) / 0.5)
 
 
 def test_no_spectral_norm_flag_gives_a_plain_discriminator(gan04):

@@ -44,7 +44,8 @@ def test_resume_from_the_memory_mapped_folder_matches_the_uninterrupted_run(phot
     resumed, expected = (json.loads((d / "summary.json").read_text()) for d in (out, reference))
     for key in ["test_recon", "test_kl", "test_mse", "spectrum_error", "latent_scale_factor", "steps"]:
         assert resumed[key] == pytest.approx(expected[key], rel=1e-6), key
-    drop = lambda rows: [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]  # noqa: E731
+    def drop(rows):
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]
     assert drop(read_rows(out / "metrics.csv")) == drop(read_rows(reference / "metrics.csv"))
 
 
@@ -159,5 +160,5 @@ def test_downsample_8_run_and_its_autoencoder(tmp_path):
 
 def test_data_dir_with_shapes_or_downsample_with_a_code_vector_exit_2(tmp_path):
     assert_rejected("01_vanilla_vae", "--data-dir", tmp_path, "--out", tmp_path / "x", mentions="--dataset folder")
-    assert_rejected("01_vanilla_vae", "--downsample", "8", "--out", tmp_path / "x", mentions="--latent spatial")
+    assert_rejected("01_vanilla_vae", "--downsample", "8", "--out", tmp_path / "x", mentions="code map")
     assert not (tmp_path / "x").exists()

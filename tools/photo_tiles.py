@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tools import ROOT  # noqa: F401,E402  also puts the repository root on sys.path
-import common  # noqa: E402
+import common  # tools/__init__.py puts the repository's root on sys.path
 
 # Photographs only: scikit-image also ships drawings and test patterns (logo, horse, checkerboard, phantom).
 # (cat is chelsea under another name, so it is left out; motorcycle is the left view of stereo_motorcycle.)

@@ -13,8 +13,7 @@ import argparse
 
 import torch
 
-from tools import ROOT  # noqa: F401,E402  also puts the repository root on sys.path
-import common  # noqa: E402
+import common  # tools/__init__.py puts the repository's root on sys.path
 
 
 def leading_variances(images, k=10):
@@ -33,7 +32,7 @@ def main():
     p.add_argument("--images", type=int, default=20_000, help="training images used (default: 20000)")
     args = p.parse_args()
     args.image_size = args.image_size or (64 if args.dataset in ("shapes", "celeba", "folder") else 32)
-    train, _, _ = common.load_data(args)
+    train, _ = common.load_data(args)
     ratios = leading_variances(train[:args.images])
     print(f"{args.dataset}, {args.image_size} px: leading PCA variances / first: "
           + " ".join(f"{r:.2f}" for r in ratios))

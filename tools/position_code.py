@@ -18,17 +18,17 @@ from pathlib import Path
 
 import torch
 
-from tools import load_run  # also puts the repository root on sys.path
-import common  # noqa: E402
+import common
+from tools import load_run
 
 
-def checkpoint_codes(out):
-    """(mu, true factors) of the shapes test images, recomputed from the run's checkpoint.pt: an
-    independent path to the codes of a shapes run."""
-    _, a, model = load_run(out, dataset="shapes")  # true factors: known only for shapes
-    _, test, factors = common.load_data(a)  # the run's own test set
+def run_codes(out):
+    """(mu, true factors) of the shapes test images, from the run's autoencoder.pt: true factors are known only for
+    shapes, drawn again at the run's image size."""
+    _, a, model = load_run(out, dataset="shapes")
+    _, test, factors = common.make_shapes(50_000, 5_000, a.image_size)  # the run's own test set
     with torch.no_grad():
-        mu = torch.cat([model.encoder(common.to_model_range(chunk, a.recon))[0] for chunk in test.split(500)])
+        mu = torch.cat([model.encode(chunk.float() / 127.5 - 1)[0] for chunk in test.split(500)])
     return mu, factors
 
 
@@ -73,7 +73,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="a shapes run's output folder (it holds checkpoint.pt)")
     args = p.parse_args()
-    mu, factors = checkpoint_codes(args.run)
+    mu, factors = run_codes(args.run)
     info, names = factor_information(mu, factors), list(common.SHAPE_FACTORS)  # (D, K)
     mig, gaps = mutual_information_gap(mu, factors)
     print(f"MIG {mig:.3f} (" + ", ".join(f"{k} {v:.2f}" for k, v in gaps.items()) + ")")

@@ -1,0 +1,111 @@
+"""Fine-tuning a trained autoencoder: --init-from starts a new run from its weights, --train decoder keeps its codes
+bit for bit, --ema averages the weights as torch's AveragedModel does (checkpointed, resumed exactly, evaluated and
+exported), and tools.evaluate scores any autoencoder.pt as the chapters score their own."""
+import json
+
+import pytest
+import torch
+
+import common
+from conftest import assert_rejected, photo_folder, read_rows, run_cli
+
+PHOTOS = ["--dataset", "folder", "--image-size", "32", "--batch-size", "8", "--log-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A short 01 run with Stable Diffusion's blocks on a small folder: the model to fine-tune."""
+    root = tmp_path_factory.mktemp("finetune")
+    data = photo_folder(root / "photos", n_train=40, n_test=8, size=32)
+    result = run_cli("01_vanilla_vae", *PHOTOS, "--data-dir", data, "--arch", "sd", "--max-steps", "4",
+                     "--out", root / "source")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return data, root / "source"
+
+
+def codes(model_file, data):
+    """mu of the folder's test images, from an autoencoder.pt."""
+    model = common.load_autoencoder(model_file)
+    _, test = common.load_folder(data, 32)
+    with torch.no_grad():
+        return model.encode(test.float() / 127.5 - 1)[0]
+
+
+@pytest.mark.slow
+def test_the_decoder_alone_learns_and_the_codes_stay_the_same(source, tmp_path):
+    data, out = source
+    result = run_cli("04_vae_gan_warmup", *PHOTOS, "--data-dir", data, "--arch", "sd", "--init-from",
+                     out / "autoencoder.pt", "--train", "decoder", "--ema", "0.9", "--disc-start", "2",
+                     "--lpips-random-backbone", "--max-steps", "6", "--out", tmp_path / "tuned")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--train decoder: the KL trains nothing" in result.stdout
+    before = torch.load(out / "autoencoder.pt", weights_only=True)["state_dict"]
+    after = torch.load(tmp_path / "tuned" / "autoencoder.pt", weights_only=True)["state_dict"]
+    for name, value in before.items():
+        if name.startswith("encoder."):  # the encoder and the conv before the code: untouched, bit for bit
+            assert torch.equal(after[name], value), name
+    assert not torch.equal(after["decoder.conv_out.weight"], before["decoder.conv_out.weight"])
+    assert torch.equal(codes(tmp_path / "tuned" / "autoencoder.pt", data), codes(out / "autoencoder.pt", data))
+    checkpoint = torch.load(tmp_path / "tuned" / "checkpoint.pt", weights_only=True)
+    trained = len(checkpoint["optimizer"]["param_groups"][0]["params"])
+    assert trained == len([n for n in before if n.startswith("decoder.")])  # the optimizer holds the decoder alone
+    for name, value in after.items():  # autoencoder.pt holds the moving average, not the last weights
+        assert torch.equal(checkpoint["ema"]["module." + name], value), name
+    assert json.loads((tmp_path / "tuned" / "summary.json").read_text())["steps"] == 6
+
+
+@pytest.mark.slow
+def test_ema_is_torchs_average_of_the_weights_and_resumes_exactly(source, tmp_path):
+    data, _ = source
+    flags = [*PHOTOS, "--data-dir", data, "--ema", "0.75", "--checkpoint-every", "1"]
+    states = []
+    for steps in (1, 2):  # the same run stopped after one step and after two
+        result = run_cli("01_vanilla_vae", *flags, "--max-steps", steps, "--out", tmp_path / str(steps))
+        assert result.returncode == 0, result.stderr[-2000:]
+        states.append(torch.load(tmp_path / str(steps) / "checkpoint.pt", weights_only=True))
+    first, second = states
+    assert first["ema"]["n_averaged"] == 1 and second["ema"]["n_averaged"] == 2
+    for name, weight in first["model"].items():
+        if weight.is_floating_point():
+            torch.testing.assert_close(first["ema"]["module." + name], weight)  # the first update copies
+            expected = 0.75 * first["ema"]["module." + name] + 0.25 * second["model"][name]  # then decays
+            torch.testing.assert_close(second["ema"]["module." + name], expected, rtol=1e-6, atol=1e-7)
+    # a run of 6 steps, and one of 4 resumed to 6: the same rows, the same average
+    result = run_cli("01_vanilla_vae", *flags, "--max-steps", "6", "--out", tmp_path / "whole")
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_cli("01_vanilla_vae", *flags, "--max-steps", "4", "--out", tmp_path / "legs")
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_cli("01_vanilla_vae", "--resume", tmp_path / "legs" / "checkpoint.pt", "--max-steps", "6")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [[{k: v for k, v in r.items() if k != "images_per_s"} for r in read_rows(tmp_path / d / "metrics.csv")]
+            for d in ("legs", "whole")]
+    assert rows[0] == rows[1]
+    whole, legs = (torch.load(tmp_path / d / "autoencoder.pt", weights_only=True) for d in ("whole", "legs"))
+    for name, value in whole["state_dict"].items():
+        assert torch.equal(legs["state_dict"][name], value), name
+
+
+def test_init_from_another_model_exits_2(source, tmp_path):
+    data, out = source
+    assert_rejected("01_vanilla_vae", *PHOTOS, "--data-dir", data, "--init-from", out / "autoencoder.pt",
+                    "--out", tmp_path / "x", mentions="holds another model")  # the plain stack, not sd
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_tools_evaluate_scores_a_run_as_the_run_did(source, tmp_path):
+    data, out = source
+    result = run_cli("tools.evaluate", out, "--out", tmp_path / "evaluation.json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = json.loads((tmp_path / "evaluation.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ["test_psnr_db", "test_ssim", "test_mse", "test_recon", "test_kl", "test_kl_offset", "test_kl_scale",
+                "test_info_bound", "spectrum_error", "hf_power_ratio", "latent_scale_factor", "active_units"]:
+        assert found[key] == pytest.approx(summary[key], rel=1e-5, abs=1e-7), key  # the same 8 test images
+    # any autoencoder.pt, on any folder of the right channels
+    result = run_cli("tools.evaluate", out / "autoencoder.pt", "--dataset", "folder", "--data-dir", data,
+                     "--image-size", "64", "--out", tmp_path / "at64.json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "at64.json").read_text())["image_size"] == 64
+    result = run_cli("tools.evaluate", out / "autoencoder.pt", "--out", tmp_path / "shapes.json")  # shapes: grey
+    assert result.returncode == 2 and "3-channel images, shapes has 1" in result.stderr
