@@ -2,10 +2,11 @@
 
 The encoder maps x to a Gaussian q(z|x) = N(mu, s^2); a draw z goes through the decoder back to an image. Training
 minimises -ELBO(x) = -E_q[log p(x|z)] + KL(q(z|x) || N(0, I)) >= -log p(x), nats per image. Blur: the decoder's fixed
-sigma prices an error at (x - m)^2 / (2 sigma^2) nats; the default sigma^2 = 1/2 (a plain sum of squared errors) is
-wide against this model's errors (summary.json: effective_beta, beta against the sigma that fits them), so the
-decoder averages away what the small code does not hold. Posterior collapse (Lucas et al. 2019): the KL wins,
-q(z|x) = N(0, I); the run warns at a KL under 1 nat or at most one dim above 0.1 nat. Fix: smaller --beta, --free-bits.
+sigma prices an error at (x - m)^2 / (2 sigma^2) nats; a code vector's default sigma^2 = 1/2 (a plain sum of squared
+errors) is wide against this model's errors, so the decoder averages away what the small code does not hold: it acts
+as beta 33 would with the sigma that fits the errors (summary.json: decoder_std_fit, effective_beta). Posterior
+collapse (Lucas et al. 2019): the KL wins, q(z|x) = N(0, I); the run warns at a KL under 1 nat or at most one dim
+above 0.1 nat. Fix: a smaller --beta, or --free-bits.
 
 Run:   python 01_vanilla_vae.py                              # shapes, 64 px, 3,124 steps
        python 01_vanilla_vae.py --beta 50 --max-steps 300    # posterior collapse, and its warning
@@ -146,7 +147,8 @@ def main(argv=None):
         except (KeyError, RuntimeError, TypeError, ValueError) as e:
             common.fail(f"{args.resume} does not fit this model ({str(e)[:200]}); resume with its own flags")
         start, rows, evals = checkpoint["step"], checkpoint["rows"], checkpoint["evals"]
-        row_sum, row_steps = checkpoint["row_sum"], checkpoint["row_steps"]
+        row_steps = checkpoint["row_steps"]  # and the sums of the row under way, on the device the loop adds to
+        row_sum = checkpoint["row_sum"].to(device) if row_steps else None
         torch.set_rng_state(checkpoint["rng"])
         if device.type == "cuda":
             torch.cuda.set_rng_state(checkpoint["cuda_rng"])
@@ -176,11 +178,11 @@ def main(argv=None):
     clock, timed = time.perf_counter(), 0
     for step in range(start, total_steps):
         x = common.to_model_range(batches(step), args.recon)  # (B, C, H, W), on the device already
-        beta = kl_weight(step, args.beta, args.kl_warmup_steps, args.kl_cycle_steps)
+        beta = kl_weight(step, args.beta, args.kl_warmup_steps, args.kl_cycle_steps) if args.train == "all" else 0.0
         with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
             mu, logvar = encoder(x)  # q(z|x) = N(mu, exp(logvar)), one Gaussian per latent dim
             # the reparameterization trick: z ~ q(z|x) as a differentiable function of mu and s = exp(logvar / 2)
-            z = mu + torch.exp(0.5 * logvar) * common.randn_like(mu)  # torch.randn_like; under torchrun too
+            z = mu + torch.exp(0.5 * logvar) * common.randn_like(mu)  # as torch.randn_like, under torchrun too
             raw = decoder(z)
         recon = recon_loss(raw.float(), x, model, args.decoder_std).mean()  # nats per image
         # KL(N(mu, s^2) || N(0, 1)) = 1/2 (mu^2 + s^2 - 1 - log s^2), s^2 = exp(logvar), per dim, batch mean, (D,)
@@ -193,15 +195,15 @@ def main(argv=None):
         if ema is not None:
             ema.update_parameters(model)
 
-        # the row: each term's mean since the last one, summed on the device; read only when a row is written
-        split = evaluate.kl_split(mu.detach(), logvar.detach())  # this batch's KL: offset + scale + information
+        # the row: each term's mean since the last row, summed where the model runs (a GPU need not wait for the CPU)
+        split = evaluate.kl_split(mu.detach(), logvar.detach())  # the KL in three parts (02 explains them)
         terms = torch.stack([loss, recon, kl_per_dim.sum(), *split.values(), torch.tensor(beta, device=device)])
         terms = torch.cat([terms.detach(), kl_per_dim.detach()])
         row_sum = terms if row_sum is None else row_sum + terms
         row_steps, timed, done = row_steps + 1, timed + 1, step + 1
         bar.update()
         if done % args.log_every == 0 or done == total_steps:
-            means = common.mean_over_processes(row_sum / row_steps).tolist()  # the row's one wait for the device
+            means = common.mean_over_processes(row_sum / row_steps).tolist()  # the one wait for a GPU in the row
             if not all(math.isfinite(v) for v in means):
                 diverged(done, out)
             rows.append({"step": done, "epoch": step // batches.steps_per_epoch, **dict(zip(names, means)),
@@ -238,8 +240,8 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------- evaluation and outputs (rank 0)
     final = ema.module if ema else model  # --ema: the averaged weights are the ones scored and exported
-    trained = total_steps * args.batch_size  # images: the evaluation is sized to the run (or --eval-images)
-    n = args.eval_images or min(10_000, max(256, trained // 4))  # test images, and training images for BatchNorm
+    images_seen = total_steps * args.batch_size  # in training: the evaluation is sized to the run (or --eval-images):
+    n = args.eval_images or min(10_000, max(256, images_seen // 4))  # test images, and training images
     metrics = evaluate.measures(final, test[:n], evaluate.sample(train, n), device, decoder_std=args.decoder_std,
                                 dataset=args.dataset, amp=args.amp, seed=args.seed,
                                 recon_loss=lambda raw, x: recon_loss(raw, x, final, args.decoder_std))

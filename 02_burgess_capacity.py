@@ -51,10 +51,6 @@ def parse_args(argv=None, saved=None):
     p.add_argument("--no-centring", action="store_true",
                    help="do not centre a code vector's mu: C may then be a shift of every code (default: off)")
     args = flags.parse(p, argv, saved)
-    if args.capacity_max is None and args.latent == "vector":  # Burgess et al.'s 25 nats
-        args.capacity_max = 25.0
-    elif args.capacity_max is None:  # 1.5 nats per value of a code map
-        args.capacity_max = 1.5 * args.latent_dim * (args.image_size // args.downsample) ** 2
     return args
 
 
@@ -143,7 +139,8 @@ def main(argv=None):
         except (KeyError, RuntimeError, TypeError, ValueError) as e:
             common.fail(f"{args.resume} does not fit this model ({str(e)[:200]}); resume with its own flags")
         start, rows, evals = checkpoint["step"], checkpoint["rows"], checkpoint["evals"]
-        row_sum, row_steps = checkpoint["row_sum"], checkpoint["row_steps"]
+        row_steps = checkpoint["row_steps"]  # and the sums of the row under way, on the device the loop adds to
+        row_sum = checkpoint["row_sum"].to(device) if row_steps else None
         torch.set_rng_state(checkpoint["rng"])
         if device.type == "cuda":
             torch.cuda.set_rng_state(checkpoint["cuda_rng"])
@@ -180,7 +177,7 @@ def main(argv=None):
         with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
             mu, logvar = encoder(x)  # q(z|x) = N(mu, exp(logvar)), one Gaussian per latent dim
             # the reparameterization trick: z ~ q(z|x) as a differentiable function of mu and s = exp(logvar / 2)
-            z = mu + torch.exp(0.5 * logvar) * common.randn_like(mu)  # torch.randn_like; under torchrun too
+            z = mu + torch.exp(0.5 * logvar) * common.randn_like(mu)  # as torch.randn_like, under torchrun too
             raw = decoder(z)
         recon = recon_loss(raw.float(), x, model, args.decoder_std).mean()  # nats per image
         # KL(N(mu, s^2) || N(0, 1)) = 1/2 (mu^2 + s^2 - 1 - log s^2), s^2 = exp(logvar), per dim, batch mean, (D,)
@@ -193,15 +190,15 @@ def main(argv=None):
         if ema is not None:
             ema.update_parameters(model)
 
-        # the row: each term's mean since the last one, summed on the device; read only when a row is written
-        split = evaluate.kl_split(mu.detach(), logvar.detach())  # this batch's KL: offset + scale + information
+        # the row: each term's mean since the last row, summed where the model runs (a GPU need not wait for the CPU)
+        split = evaluate.kl_split(mu.detach(), logvar.detach())  # the KL in three parts (02 explains them)
         terms = torch.stack([loss, recon, kl_per_dim.sum(), *split.values(), torch.tensor(target, device=device)])
         terms = torch.cat([terms.detach(), kl_per_dim.detach()])
         row_sum = terms if row_sum is None else row_sum + terms
         row_steps, timed, done = row_steps + 1, timed + 1, step + 1
         bar.update()
         if done % args.log_every == 0 or done == total_steps:
-            means = common.mean_over_processes(row_sum / row_steps).tolist()  # the row's one wait for the device
+            means = common.mean_over_processes(row_sum / row_steps).tolist()  # the one wait for a GPU in the row
             if not all(math.isfinite(v) for v in means):
                 diverged(done, out)
             rows.append({"step": done, "epoch": step // batches.steps_per_epoch, **dict(zip(names, means)),
@@ -238,8 +235,8 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------- evaluation and outputs (rank 0)
     final = ema.module if ema else model  # --ema: the averaged weights are the ones scored and exported
-    trained = total_steps * args.batch_size  # images: the evaluation is sized to the run (or --eval-images)
-    n = args.eval_images or min(10_000, max(256, trained // 4))  # test images, and training images for BatchNorm
+    images_seen = total_steps * args.batch_size  # in training: the evaluation is sized to the run (or --eval-images):
+    n = args.eval_images or min(10_000, max(256, images_seen // 4))  # test images, and training images
     metrics = evaluate.measures(final, test[:n], evaluate.sample(train, n), device, decoder_std=args.decoder_std,
                                 dataset=args.dataset, amp=args.amp, seed=args.seed,
                                 recon_loss=lambda raw, x: recon_loss(raw, x, final, args.decoder_std))
@@ -248,7 +245,7 @@ def main(argv=None):
                "device": str(device), "steps": total_steps, "epochs": total_steps / batches.steps_per_epoch,
                "wall_s": time.time() - started, "train_images_per_s": sorted(speeds)[len(speeds) // 2],
                "world_size": world, "parameters": sum(p.numel() for p in model.parameters()), **metrics,
-               "switch_on": [dict(e, capacity=capacity(e["step"], args.capacity_max, args.capacity_steps))
+               "switch_on": [dict(e, capacity=capacity(e["step"] - 1, args.capacity_max, args.capacity_steps))
                              for e in pictures.switch_on(rows, args.latent_dim)],
                "capacity_final": capacity(total_steps, args.capacity_max, args.capacity_steps)}
     ramp = torch.tensor([[r["kl"], r["capacity"]] for r in rows if r["step"] <= args.capacity_steps])
@@ -268,6 +265,7 @@ def main(argv=None):
           + ", ".join(f"{label} {metrics[k]:.4g}" for k, label in shown.items() if k in metrics))
     on = [f"z{e['dim']} at step {e['step']} (C {e['capacity']:.1f})" for e in summary["switch_on"]]
     print("dims switched on (KL > 0.5 nats): " + (", ".join(on) or "none"))
+
 
 if __name__ == "__main__":
     main()

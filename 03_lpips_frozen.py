@@ -40,7 +40,7 @@ SCRIPT = Path(__file__).stem
 
 def parse_args(argv=None, saved=None):
     """The flags: the ones every chapter takes (tools/flags.py), then this chapter's. `saved`: see flags.parse."""
-    p = flags.parser(SCRIPT, __doc__, steps=750)  # 02's 3,000 / 4, C's ramp too: a short CPU run
+    p = flags.parser(SCRIPT, __doc__, steps=750)  # a quarter of 02's steps, and of its ramp: a short CPU run
     p.add_argument("--gamma", type=at_least(0.0, float), default=100.0, help="weight of |KL - C| (default: 100)")
     p.add_argument("--capacity-max", type=at_least(0.0, float), help="C_max, nats (default: 25; 1.5 per map value)")
     p.add_argument("--capacity-steps", type=at_least(0), default=500, help="steps to C_max (default: 500)")
@@ -53,10 +53,6 @@ def parse_args(argv=None, saved=None):
     p.add_argument("--unfreeze-lpips", action="store_true", help="train the lin heads: an incident (default: off)")
     args = flags.parse(p, argv, saved)
     args.recon = "mse"  # from here on a Gaussian decoder: LPIPS compares images in [-1, 1]
-    if args.capacity_max is None and args.latent == "vector":  # Burgess et al.'s 25 nats
-        args.capacity_max = 25.0
-    elif args.capacity_max is None:  # 1.5 nats per value of a code map
-        args.capacity_max = 1.5 * args.latent_dim * (args.image_size // args.downsample) ** 2
     return args
 
 
@@ -144,7 +140,7 @@ def main(argv=None):
     stateful = {"model": model, "optimizer": optimizer, **({"ema": ema} if ema else {})}  # saved by state_dict()
     stateful["lpips_lins"] = perceptual.lins  # trained with --unfreeze-lpips
     start, rows, evals, row_sum, row_steps = 0, [], [], None, 0
-    first_negative = torch.zeros(2, dtype=torch.long, device=device)  # step a lin weight, an image's LPIPS went < 0
+    first_negative = torch.zeros(2, dtype=torch.long, device=device)  # 1st step a lin weight, an image's LPIPS < 0
     if checkpoint:  # the step, weights, optimizer, random state and rows where the run stopped
         try:
             for name, thing in stateful.items():
@@ -153,7 +149,8 @@ def main(argv=None):
         except (KeyError, RuntimeError, TypeError, ValueError) as e:
             common.fail(f"{args.resume} does not fit this model ({str(e)[:200]}); resume with its own flags")
         start, rows, evals = checkpoint["step"], checkpoint["rows"], checkpoint["evals"]
-        row_sum, row_steps = checkpoint["row_sum"], checkpoint["row_steps"]
+        row_steps = checkpoint["row_steps"]  # and the sums of the row under way, on the device the loop adds to
+        row_sum = checkpoint["row_sum"].to(device) if row_steps else None
         torch.set_rng_state(checkpoint["rng"])
         if device.type == "cuda":
             torch.cuda.set_rng_state(checkpoint["cuda_rng"])
@@ -190,7 +187,7 @@ def main(argv=None):
         with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
             mu, logvar = encoder(x)  # q(z|x) = N(mu, exp(logvar)), one Gaussian per latent dim
             # the reparameterization trick: z ~ q(z|x) as a differentiable function of mu and s = exp(logvar / 2)
-            z = mu + torch.exp(0.5 * logvar) * common.randn_like(mu)  # torch.randn_like; under torchrun too
+            z = mu + torch.exp(0.5 * logvar) * common.randn_like(mu)  # as torch.randn_like, under torchrun too
             raw = decoder(z)
         reconstruction = model.mean(raw.float())  # the decoder's mean image, in [-1, 1] (SD's decoder: unbounded)
         recon = recon_loss(reconstruction, x, args.decoder_std).mean()  # nats per image
@@ -210,10 +207,10 @@ def main(argv=None):
         if ema is not None:
             ema.update_parameters(model)
 
-        # the row: each term's mean since the last one, summed on the device; read only when a row is written
-        split = evaluate.kl_split(mu.detach(), logvar.detach())  # this batch's KL: offset + scale + information
+        # the row: each term's mean since the last row, summed where the model runs (a GPU need not wait for the CPU)
+        split = evaluate.kl_split(mu.detach(), logvar.detach())  # the KL in three parts (02 explains them)
         lowest = torch.stack([lowest_lin_weight(perceptual), perceptual_per_image.min()]).detach()
-        first_negative.masked_fill_((first_negative == 0) & (lowest < 0), step + 1)  # on the device: no waiting
+        first_negative.masked_fill_((first_negative == 0) & (lowest < 0), step + 1)  # each not yet seen: set now
         terms = torch.stack([loss, recon, kl_per_dim.sum(), *split.values(), torch.tensor(target, device=device),
                              perceptual_per_image.mean(), lowest[0]])
         terms = torch.cat([terms.detach(), kl_per_dim.detach()])
@@ -221,7 +218,7 @@ def main(argv=None):
         row_steps, timed, done = row_steps + 1, timed + 1, step + 1
         bar.update()
         if done % args.log_every == 0 or done == total_steps:
-            means = common.mean_over_processes(row_sum / row_steps).tolist()  # the row's one wait for the device
+            means = common.mean_over_processes(row_sum / row_steps).tolist()  # the one wait for a GPU in the row
             if not all(math.isfinite(v) for v in means):
                 diverged(done, out)
             rows.append({"step": done, "epoch": step // batches.steps_per_epoch, **dict(zip(names, means)),
@@ -259,11 +256,11 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------- evaluation and outputs (rank 0)
     final = ema.module if ema else model  # --ema: the averaged weights are the ones scored and exported
-    trained = total_steps * args.batch_size  # images: the evaluation is sized to the run (or --eval-images)
-    n = args.eval_images or min(10_000, max(256, trained // 4))  # test images, and training images for BatchNorm
+    images_seen = total_steps * args.batch_size  # in training: the evaluation is sized to the run (or --eval-images):
+    n = args.eval_images or min(10_000, max(256, images_seen // 4))  # test images, and training images
     metrics = evaluate.measures(final, test[:n], evaluate.sample(train, n), device, decoder_std=args.decoder_std,
                                 dataset=args.dataset, amp=args.amp, seed=args.seed,
-                                perceptual=perceptual, vgg=lpips_vgg, vgg_images=min(1000, max(32, trained // 40)))
+                                perceptual=perceptual, vgg=lpips_vgg, vgg_images=min(1000, max(32, images_seen // 40)))
     negative = [int(s) for s in first_negative if s > 0]
     incident = min(negative) if negative else None  # the first step of the LPIPS incident
     speeds = [r["images_per_s"] for r in rows[1:] or rows]  # the first row holds one-off set-up
@@ -271,7 +268,7 @@ def main(argv=None):
                "device": str(device), "steps": total_steps, "epochs": total_steps / batches.steps_per_epoch,
                "wall_s": time.time() - started, "train_images_per_s": sorted(speeds)[len(speeds) // 2],
                "world_size": world, "parameters": sum(p.numel() for p in model.parameters()), **metrics,
-               "switch_on": [dict(e, capacity=capacity(e["step"], args.capacity_max, args.capacity_steps))
+               "switch_on": [dict(e, capacity=capacity(e["step"] - 1, args.capacity_max, args.capacity_steps))
                              for e in pictures.switch_on(rows, args.latent_dim)],
                "capacity_final": capacity(total_steps, args.capacity_max, args.capacity_steps),
                "lpips_backbone": "random" if args.lpips_random_backbone else "imagenet",
@@ -298,6 +295,7 @@ def main(argv=None):
     for what, first in zip(["a lin weight", "an image's LPIPS"], first_negative.tolist()):
         if first:  # say it loudly
             print(f"LPIPS INCIDENT at step {first}: {what} went below zero; LPIPS was trained. Freeze it.")
+
 
 if __name__ == "__main__":
     main()

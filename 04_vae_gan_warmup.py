@@ -7,8 +7,9 @@ Added naively (D from step 0, lambda fixed at 0.5, no spectral norm), D takes ov
 draws one sprite wherever the shape is. Two guards from VQGAN each prevent it. Warm-up: D is off until --disc-start
 (half the run, after C reaches C_max), so it refines a decoder that already reconstructs. The adaptive weight:
 lambda = ||grad_W L_rec|| / ||grad_W L_adv|| * --disc-weight (0.1) at the decoder's last layer W. Alone, spectral
-norm on D (on by default), --grad-clip or --r1-gamma does not. GAN COLLAPSE WARNING (the decoder giving way to D):
-D's pull on the decoder above L_rec's, a step's gradient 10x the median before, recon 50% above its best since D.
+norm on D (on by default), --grad-clip or --r1-gamma does not prevent it. The run says GAN COLLAPSE WARNING (the
+decoder giving way to D) when D pulls on the decoder harder than L_rec, a step's gradient is 10x the median before,
+or recon rises 50% above its best since D started.
 
 Run:   python 04_vae_gan_warmup.py                   # shapes, both guards and spectral norm, 1,562 steps
        python 04_vae_gan_warmup.py --max-steps 300 --capacity-steps 150 --log-every 25 --disc-weight 0.5 \
@@ -74,17 +75,13 @@ def parse_args(argv=None, saved=None):
     args.recon = "mse"  # from here on a Gaussian decoder: LPIPS compares images in [-1, 1]
     if args.r1_gamma and args.compile:
         common.fail("--r1-gamma backpropagates through a gradient, which torch.compile does not: drop --compile")
-    if args.capacity_max is None and args.latent == "vector":  # Burgess et al.'s 25 nats
-        args.capacity_max = 25.0
-    elif args.capacity_max is None:  # 1.5 nats per value of a code map
-        args.capacity_max = 1.5 * args.latent_dim * (args.image_size // args.downsample) ** 2
     return args
 
 
 # ----------------------------------------------------------------------------- the loss's pieces
 def recon_loss(mean, x, decoder_std, pixel_loss="l2"):
     """-log N(x; m, sigma^2) of each image, up to 01's constant: sum (x - m)^2 / (2 sigma^2), (B,) nats; m = mean.
-    l1: sum |x - m| / (2 sigma^2), priced as l2 is, so LPIPS and D keep their weights against it."""
+    l1: sum |x - m| / (2 sigma^2), priced as l2 is, so LPIPS and D keep their weights (test_recon stays l2's)."""
     error = (mean - x).abs() if pixel_loss == "l1" else (mean - x).pow(2)
     return error.flatten(1).sum(1) / (2 * decoder_std ** 2)
 
@@ -225,14 +222,13 @@ def main(argv=None):
     optimizer = torch.optim.Adam(trained, lr=args.lr)
     disc = PatchDiscriminator(train.shape[1], args.width, spectral_norm=not args.no_spectral_norm).to(device)
     disc_optimizer = torch.optim.Adam(disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9))  # as latent diffusion
-    if args.disc_start is None:  # warm-up: half the run, once C has reached C_max; saved, so a resumed run keeps it
-        args.disc_start = max(args.capacity_steps, total_steps // 2)
+    if args.disc_start is None:  # warm-up: half the run, after C's ramp if the encoder trains; kept by --resume
+        args.disc_start = max(args.capacity_steps if args.train == "all" else 0, total_steps // 2)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
     stateful = {"model": model, "optimizer": optimizer, **({"ema": ema} if ema else {})}  # saved by state_dict()
-    stateful["lpips_lins"] = perceptual.lins  # trained with --unfreeze-lpips
-    stateful.update(disc=disc, disc_optimizer=disc_optimizer)
+    stateful.update(lpips_lins=perceptual.lins, disc=disc, disc_optimizer=disc_optimizer)  # lins: --unfreeze-lpips
     start, rows, evals, row_sum, row_steps = 0, [], [], None, 0
-    first_negative = torch.zeros(2, dtype=torch.long, device=device)  # step a lin weight, an image's LPIPS went < 0
+    first_negative = torch.zeros(2, dtype=torch.long, device=device)  # 1st step a lin weight, an image's LPIPS < 0
     clamped_steps = torch.zeros((), dtype=torch.long, device=device)  # steps at which the adaptive weight's clamp bound
     row_max, warnings_seen = None, {}  # the decoder's largest gradient norm in this row; symptom -> its first warning
     if checkpoint:  # the step, weights, optimizer, random state and rows where the run stopped
@@ -244,8 +240,9 @@ def main(argv=None):
         except (KeyError, RuntimeError, TypeError, ValueError) as e:
             common.fail(f"{args.resume} does not fit this model ({str(e)[:200]}); resume with its own flags")
         start, rows, evals = checkpoint["step"], checkpoint["rows"], checkpoint["evals"]
-        row_sum, row_steps = checkpoint["row_sum"], checkpoint["row_steps"]
-        row_max, warnings_seen = checkpoint["row_max"], checkpoint["warnings_seen"]
+        row_steps = checkpoint["row_steps"]  # and the sums of the row under way, on the device the loop adds to
+        row_sum = checkpoint["row_sum"].to(device) if row_steps else None
+        row_max, warnings_seen = checkpoint["row_max"].to(device) if row_steps else None, checkpoint["warnings_seen"]
         torch.set_rng_state(checkpoint["rng"])
         if device.type == "cuda":
             torch.cuda.set_rng_state(checkpoint["cuda_rng"])
@@ -272,10 +269,11 @@ def main(argv=None):
         encoder, decoder = [DistributedDataParallel(m) if any(p.requires_grad for p in m.parameters()) else m
                             for m in (encoder, decoder)]
     discriminator = DistributedDataParallel(disc) if world > 1 else disc
-    if args.compile:  # the adaptive weight backpropagates three times through one graph: compiled backward functions
-        from torch._functorch import config as functorch_config  # must not reuse or overwrite tensors a later pass
-        from torch._inductor import config as inductor_config  # still reads (else an error, and, in torch 2.14,
-        functorch_config.donated_buffer = inductor_config.inplace_buffers = False  # wrong gradients in early layers)
+    if args.compile:  # the adaptive weight backpropagates three times through one graph, so compiled backward passes
+        # must not reuse or overwrite tensors a later pass still reads (else an error, or in torch 2.14 wrong gradients)
+        from torch._functorch import config as functorch_config
+        from torch._inductor import config as inductor_config
+        functorch_config.donated_buffer = inductor_config.inplace_buffers = False
         encoder, decoder, discriminator = torch.compile(encoder), torch.compile(decoder), torch.compile(discriminator)
 
     names = ["loss", "recon", "kl", "kl_offset", "kl_scale", "info_bound", "capacity", "lpips", "lpips_lin_min",
@@ -292,7 +290,7 @@ def main(argv=None):
         with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
             mu, logvar = encoder(x)  # q(z|x) = N(mu, exp(logvar)), one Gaussian per latent dim
             # the reparameterization trick: z ~ q(z|x) as a differentiable function of mu and s = exp(logvar / 2)
-            z = mu + torch.exp(0.5 * logvar) * common.randn_like(mu)  # torch.randn_like; under torchrun too
+            z = mu + torch.exp(0.5 * logvar) * common.randn_like(mu)  # as torch.randn_like, under torchrun too
             raw = decoder(z)
         reconstruction = model.mean(raw.float())  # the decoder's mean image, in [-1, 1] (SD's decoder: unbounded)
         recon = recon_loss(reconstruction, x, args.decoder_std, args.pixel_loss).mean()  # nats per image
@@ -341,20 +339,20 @@ def main(argv=None):
             d_loss.backward()
             disc_optimizer.step()
 
-        # the row: each term's mean since the last one, summed on the device; read only when a row is written
-        split = evaluate.kl_split(mu.detach(), logvar.detach())  # this batch's KL: offset + scale + information
+        # the row: each term's mean since the last row, summed where the model runs (a GPU need not wait for the CPU)
+        split = evaluate.kl_split(mu.detach(), logvar.detach())  # the KL in three parts (02 explains them)
         lowest = torch.stack([lowest_lin_weight(perceptual), perceptual_per_image.min()]).detach()
-        first_negative.masked_fill_((first_negative == 0) & (lowest < 0), step + 1)  # on the device: no waiting
+        first_negative.masked_fill_((first_negative == 0) & (lowest < 0), step + 1)  # each not yet seen: set now
         terms = torch.stack([loss, recon, kl_per_dim.sum(), *split.values(), torch.tensor(target, device=device),
                              perceptual_per_image.mean(), lowest[0], d_loss, g_loss, weight, logits_real.mean(),
-                             logits_fake.mean(), dec_grad_norm, torch.tensor(float(d_on), device=device)])
+                             logits_fake.mean(), dec_grad_norm, torch.tensor(float(d_on), device=device)])  # 0, 1
         row_max = dec_grad_norm.detach() if row_max is None else torch.maximum(row_max, dec_grad_norm.detach())
         terms = torch.cat([terms.detach(), kl_per_dim.detach()])
         row_sum = terms if row_sum is None else row_sum + terms
         row_steps, timed, done = row_steps + 1, timed + 1, step + 1
         bar.update()
         if done % args.log_every == 0 or done == total_steps:
-            means = common.mean_over_processes(row_sum / row_steps).tolist()  # the row's one wait for the device
+            means = common.mean_over_processes(row_sum / row_steps).tolist()  # the one wait for a GPU in the row
             if not all(math.isfinite(v) for v in means):
                 diverged(done, out)
             rows.append({"step": done, "epoch": step // batches.steps_per_epoch, **dict(zip(names, means)),
@@ -398,13 +396,11 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------- evaluation and outputs (rank 0)
     final = ema.module if ema else model  # --ema: the averaged weights are the ones scored and exported
-    trained = total_steps * args.batch_size  # images: the evaluation is sized to the run (or --eval-images)
-    n = args.eval_images or min(10_000, max(256, trained // 4))  # test images, and training images for BatchNorm
+    images_seen = total_steps * args.batch_size  # in training: the evaluation is sized to the run (or --eval-images):
+    n = args.eval_images or min(10_000, max(256, images_seen // 4))  # test images, and training images
     metrics = evaluate.measures(final, test[:n], evaluate.sample(train, n), device, decoder_std=args.decoder_std,
                                 dataset=args.dataset, amp=args.amp, seed=args.seed,
-                                recon_loss=lambda raw, x: recon_loss(final.mean(raw), x, args.decoder_std,
-                                                                     args.pixel_loss),
-                                perceptual=perceptual, vgg=lpips_vgg, vgg_images=min(1000, max(32, trained // 40)))
+                                perceptual=perceptual, vgg=lpips_vgg, vgg_images=min(1000, max(32, images_seen // 40)))
     negative = [int(s) for s in first_negative if s > 0]
     incident = min(negative) if negative else None  # the first step of the LPIPS incident
     speeds = [r["images_per_s"] for r in rows[1:] or rows]  # the first row holds one-off set-up
@@ -412,7 +408,7 @@ def main(argv=None):
                "device": str(device), "steps": total_steps, "epochs": total_steps / batches.steps_per_epoch,
                "wall_s": time.time() - started, "train_images_per_s": sorted(speeds)[len(speeds) // 2],
                "world_size": world, "parameters": sum(p.numel() for p in model.parameters()), **metrics,
-               "switch_on": [dict(e, capacity=capacity(e["step"], args.capacity_max, args.capacity_steps))
+               "switch_on": [dict(e, capacity=capacity(e["step"] - 1, args.capacity_max, args.capacity_steps))
                              for e in pictures.switch_on(rows, args.latent_dim)],
                "capacity_final": capacity(total_steps, args.capacity_max, args.capacity_steps),
                "lpips_backbone": "random" if args.lpips_random_backbone else "imagenet",
@@ -421,7 +417,6 @@ def main(argv=None):
                "disc_start_step": args.disc_start, "disc_steps": max(0, total_steps - args.disc_start),
                "adaptive_weight_clamped_steps": int(clamped_steps),
                "max_dec_grad_norm": max(r["dec_grad_norm_max"] for r in rows),
-               "max_adv_rec_grad_ratio": max(r["adv_rec_grad_ratio"] for r in rows),
                "collapse_warnings": list(warnings_seen.values())}
     ramp = torch.tensor([[r["kl"], r["capacity"]] for r in rows if r["step"] <= args.capacity_steps])
     if len(ramp) > 2:  # does the KL follow C: in shape (correlation) and in nats (mean gap)
@@ -447,6 +442,7 @@ def main(argv=None):
     for what, first in zip(["a lin weight", "an image's LPIPS"], first_negative.tolist()):
         if first:  # say it loudly
             print(f"LPIPS INCIDENT at step {first}: {what} went below zero; LPIPS was trained. Freeze it.")
+
 
 if __name__ == "__main__":
     main()

@@ -263,8 +263,7 @@ class MapEncoder(Encoder):
         self.features = nn.Sequential(nn.Conv2d(channels, width, 4, 2, 1), nn.ReLU(),
                                       nn.Conv2d(width, 2 * width, 4, 2, 1), nn.ReLU(), *f8,
                                       nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU())
-        self.to_mu = nn.Conv2d(2 * width, latent_channels, 1)
-        self.to_logvar = nn.Conv2d(2 * width, latent_channels, 1)
+        self.to_mu, self.to_logvar = (nn.Conv2d(2 * width, latent_channels, 1) for _ in range(2))
 
 class MapDecoder(nn.Module):
     """z (B, c, H/f, W/f) -> raw output (B, C, H, W). It repeats pixels, then convolves, as Stable Diffusion's
@@ -375,8 +374,7 @@ class VAE(nn.Module):
         else:
             self.encoder = Encoder(channels, image_size, latent_dim, width, centre_mu)
             self.decoder = Decoder(channels, image_size, latent_dim, width)
-        self.latent_shape = (latent_dim, image_size // downsample, image_size // downsample) if spatial else \
-            (latent_dim,)
+        self.latent_shape = (latent_dim, *[image_size // downsample] * 2) if spatial else (latent_dim,)
         self.recon, self.arch = recon, arch
         if channel_mean is not None:
             m = torch.as_tensor(channel_mean, dtype=torch.float32).clamp(0.01, 0.99)

@@ -157,6 +157,7 @@ def test_a_run_too_short_to_judge_collapse_says_so_and_does_not_warn(tmp_path):
     (["--resume", "/nonexistent/checkpoint.pt"], "cannot read /nonexistent/checkpoint.pt"),
     (["--kl-warmup-steps", "100", "--kl-cycle-steps", "200"], "choose one annealing schedule"),
     (["--train", "decoder"], "--init-from"),
+    (["--ema", "1"], "--ema is a decay"),
     (["--init-from", "/nonexistent/autoencoder.pt"], "cannot read /nonexistent/autoencoder.pt"),
     (["--latent", "spatial", "--arch", "sd", "--width", "48"], "multiple of 32"),
     (["--latent", "vector", "--arch", "sd"], "code map"),

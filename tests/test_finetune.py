@@ -85,6 +85,24 @@ def test_ema_is_torchs_average_of_the_weights_and_resumes_exactly(source, tmp_pa
         assert torch.equal(legs["state_dict"][name], value), name
 
 
+def test_a_frozen_encoder_keeps_its_batchnorm_statistics(tmp_path):
+    # 02's code vector is centred by a BatchNorm, whose statistics the evaluation recomputes after training; with the
+    # encoder frozen they stay the loaded ones, and so do the codes
+    flags = ["--image-size", "32", "--log-every", "2"]
+    result = run_cli("02_burgess_capacity", *flags, "--max-steps", "4", "--out", tmp_path / "source")
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_cli("02_burgess_capacity", *flags, "--max-steps", "4", "--init-from",
+                     tmp_path / "source" / "autoencoder.pt", "--train", "decoder", "--out", tmp_path / "tuned")
+    assert result.returncode == 0, result.stderr[-2000:]
+    before, after = (torch.load(tmp_path / d / "autoencoder.pt", weights_only=True)["state_dict"]
+                     for d in ("source", "tuned"))
+    assert "encoder.to_mu.0.running_mean" in before
+    for name, value in before.items():
+        if name.startswith("encoder."):
+            assert torch.equal(after[name], value), name
+    assert not torch.equal(after["decoder.conv_out.weight"], before["decoder.conv_out.weight"])
+
+
 def test_init_from_another_model_exits_2(source, tmp_path):
     data, out = source
     assert_rejected("01_vanilla_vae", *PHOTOS, "--data-dir", data, "--init-from", out / "autoencoder.pt",

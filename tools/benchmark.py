@@ -3,6 +3,8 @@
     python -m tools.benchmark 01_vanilla_vae                            # shapes, 64 px, 200 steps
     python -m tools.benchmark 04_vae_gan_warmup -- --disc-start 0 --lpips-random-backbone
     python -m tools.benchmark 01_vanilla_vae --conventional             # + 01's model fed by a DataLoader
+    python -m tools.benchmark 01_vanilla_vae --against-diffusers data/photo_tiles -- --dataset folder \
+        --data-dir data/photo_tiles --arch sd --downsample 8 --batch-size 16   # + diffusers' AutoencoderKL
 
 The chapter's main() runs in this process under cProfile for --steps steps (flags after -- go to the chapter). The
 report: images per second at steady state (the median of metrics.csv's rows after the first, which holds one-off
@@ -10,8 +12,10 @@ set-up), and the share of the loop's time in each of its parts, from the time of
 the networks' forward passes, backward passes, optimizer steps, the batch, the metrics row and progress bar,
 checkpoints. Set-up, evaluation and pictures are left out of the loop. cProfile adds about a microsecond per Python
 call. On a GPU the work is queued and the time lands where the CPU waits for it: there only images per second hold.
---conventional adds the tutorial way of feeding 01's model: a DataLoader over a Dataset that turns each image into a
-tensor, reshuffled every epoch, and the loss read with .item() every step (pytorch/examples' vae).
+--against-diffusers FOLDER times one training step of our --arch sd and of diffusers' AutoencoderKL of the same layers,
+taking turns on the same data (it needs pip install diffusers). --conventional adds the tutorial way of feeding 01's
+model: a DataLoader over a Dataset that turns each image into a tensor, reshuffled every epoch, and the loss read with
+.item() every step (pytorch/examples' vae).
 """
 import argparse
 import cProfile
@@ -101,11 +105,50 @@ def conventional_loop(size, steps, warmup=5, num_workers=1):
     raise RuntimeError("not enough batches for the requested steps")
 
 
+def sd_blocks_against_diffusers(images, width, downsample, batch_size, steps, amp, warmup=3):
+    """Images per second of one training step (encode, sample, decode, 01's Gaussian loss and KL, Adam) of our --arch sd
+    and of diffusers' AutoencoderKL of the same layers, on the same batches of uint8 `images`, alternating runs."""
+    import diffusers  # not a requirement of the scripts: pip install diffusers for this comparison only
+    levels = common.sd_levels(width, downsample)
+    theirs = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=levels,
+                                     down_block_types=["DownEncoderBlock2D"] * len(levels), layers_per_block=2,
+                                     up_block_types=["UpDecoderBlock2D"] * len(levels), norm_num_groups=32)
+    ours = common.VAE(3, images.shape[-1], 4, width, spatial=True, downsample=downsample, arch="sd")
+
+    def our_step(x):
+        mu, logvar = ours.encoder(x)
+        return ours.decoder(mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)), mu, logvar
+
+    def their_step(x):
+        posterior = theirs.encode(x).latent_dist
+        return theirs.decode(posterior.sample()).sample, posterior.mean, posterior.logvar
+    speeds = {}
+    for name, model, step in [("ours", ours, our_step), ("diffusers", theirs, their_step)] * 2:
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        for i in range(warmup + steps):
+            if i == warmup:
+                start = time.perf_counter()
+            x = images[torch.randint(len(images), (batch_size,))].float() / 127.5 - 1
+            with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+                raw, mu, logvar = step(x)
+            loss = (raw.float() - x).pow(2).flatten(1).sum(1).mean() / (2 * 0.1 ** 2) + \
+                common.kl_divergence(mu.float(), logvar.float()).flatten(1).sum(1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        speeds[name] = max(speeds.get(name, 0.0), steps * batch_size / (time.perf_counter() - start))  # the better
+    return speeds
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("chapter", choices=["01_vanilla_vae", "02_burgess_capacity", "03_lpips_frozen", "04_vae_gan_warmup"])
     p.add_argument("--steps", type=int, default=200, help="optimizer steps profiled (default: 200)")
     p.add_argument("--conventional", action="store_true", help="also 01's model fed by a DataLoader (default: off)")
+    p.add_argument("--against-diffusers", type=Path, default=None, metavar="FOLDER",
+                   help="also our --arch sd against diffusers' AutoencoderKL, on this image folder, with the chapter's "
+                        "--width, --downsample, --image-size, --batch-size and --amp (pip install diffusers) "
+                        "(default: off)")
     p.add_argument("flags", nargs="*", help="the chapter's flags, after -- (default: none)")
     args = p.parse_args()
     if args.steps < 20:
@@ -117,6 +160,13 @@ def main():
           f"{loop:.1f} s in the loop, of which:")
     for part, seconds in sorted(parts.items(), key=lambda item: -item[1]):
         print(f"  {100 * seconds / loop:5.1f}%  {part}")
+    if args.against_diffusers:
+        chapter = load_script(args.chapter).parse_args(args.flags)
+        train, _ = common.load_folder(args.against_diffusers, chapter.image_size)
+        speeds = sd_blocks_against_diffusers(train, chapter.width, chapter.downsample, chapter.batch_size,
+                                             min(args.steps, 20), chapter.amp)
+        print(f"one training step of SD's blocks, {'bf16' if chapter.amp else 'fp32'}, alone (no bookkeeping): "
+              + ", ".join(f"{name} {speed:.1f} images/s" for name, speed in speeds.items()))
     if args.conventional:
         size = 64 if "--image-size" not in args.flags else int(args.flags[args.flags.index("--image-size") + 1])
         print(f"01's model fed by a DataLoader (ToTensor per image, 1 worker), {size} px: "

@@ -7,8 +7,8 @@ It writes evaluation.json (beside the model, or --out) with summary.json's names
 - test_psnr_db: 10 log10(1 / MSE), images in [0, 1]; higher is closer, and a blur scores well.
 - test_ssim: SSIM (Wang et al. 2004): local means, variances and covariance in an 11 x 11 Gaussian window (sigma
   1.5) of each channel, images in [0, 1], averaged over the window positions inside the image, then over images.
-- test_lpips (AlexNet) and test_lpips_vgg (VGG16): LPIPS (Zhang et al. 2018), distance in an ImageNet network's
-  features. 03 and 04 train against AlexNet's; none trains against VGG's.
+- test_lpips and test_lpips_vgg: LPIPS (Zhang et al. 2018), distance in an ImageNet network's features: the one 03
+  and 04 train against (AlexNet's unless --lpips-net; this tool: AlexNet's), and VGG16's, which none trains against.
 - test_fd_vgg: the Frechet distance of rFID (Heusel et al. 2017) with VGG16 relu4_3 features for Inception's, each
   8 x 8 pixel patch a sample: are the reconstructions' textures distributed like the originals'? 0 is theirs.
 - spectrum_error, hf_power_ratio: the reconstructions' Fourier power spectrum against the originals'.
@@ -164,14 +164,15 @@ def recalibrate_batchnorm(model, images, device):
 def measures(model, test, train, device, *, decoder_std, dataset, recon_loss=None, perceptual=None, vgg=None,
              vgg_images=1000, amp=False, seed=0):
     """The held-out measures of `model` on uint8 `test` -> {summary.json's names: value}. recon_loss(raw, x) -> (B,):
-    the chapter's reconstruction term (default: Gaussian with decoder_std, 03's). `train`: BatchNorm's statistics
-    (if any) are recomputed on these images first, and latent_scale_factor measured on them. The ELBO's terms use one
+    the chapter's reconstruction term (default: Gaussian with decoder_std, 03's). `train`: latent_scale_factor is
+    measured on these images, and BatchNorm's statistics recomputed on them first, if any and if the encoder trained
+    (a frozen one, --train decoder, in eval mode, keeps its own, and so its codes). The ELBO's terms use one
     sample z ~ q(z|x) (noise seeded by `seed`); the pixel measures decode z = mu, as recon.png shows. LPIPS-VGG and
     FD-VGG (with `vgg`) on the first `vgg_images` test images: a VGG pass costs ~45 AlexNet passes."""
     if recon_loss is None:
         def recon_loss(raw, x):
             return (model.mean(raw) - x).pow(2).flatten(1).sum(1) / (2 * decoder_std ** 2)
-    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if model.encoder.training and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         recalibrate_batchnorm(model, train, device)
     model.eval()
     noise, sums, powers, mus, logvars = torch.Generator().manual_seed(seed), {}, [0.0, 0.0], [], []

@@ -48,13 +48,13 @@ def parser(script, doc, steps):
     p.add_argument("--init-from", help="start from this autoencoder.pt's weights, as a new run (default: none)")
     p.add_argument("--train", choices=["all", "decoder"], default="all",
                    help="decoder: the encoder stays frozen, and with it the codes (default: all)")
-    p.add_argument("--ema", type=at_least(0.0, float), default=0.0,
-                   help="decay of a moving average of the weights, which is scored and exported (default: 0, off)")
+    p.add_argument("--ema", type=at_least(0.0, float), default=0.0, help="decay in [0, 1) of a moving average of the "
+                   "weights and BatchNorm's statistics, which is scored and exported (default: 0, off)")
     p.add_argument("--out", help="output folder (default: runs/<script>/<dataset>-<time>)")
     p.add_argument("--resume", help="continue the run saved in this checkpoint.pt (default: none)")
     p.add_argument("--log-every", type=at_least(1), default=50, help="steps between metrics rows (default: 50)")
     p.add_argument("--checkpoint-every", type=at_least(0), default=0,
-                   help="steps between checkpoints (default: 0, at each epoch's end)")
+                   help="a checkpoint every N steps too (default: 0: at each epoch's end and the run's only)")
     p.add_argument("--eval-every", type=at_least(0), default=0, help="steps between eval.csv rows (default: 0)")
     p.add_argument("--eval-images", type=at_least(0), default=0,
                    help="test images scored at the end (default: 0, a quarter of those trained on, 256 to 10,000)")
@@ -82,6 +82,11 @@ def parse(p, argv=None, saved=None):
     if args.arch == "sd" and args.width % 32:
         common.fail(f"--arch sd normalises in GroupNorm's 32 groups: --width must be a multiple of 32, "
                     f"not {args.width}")
+    if getattr(args, "capacity_max", 0) is None:  # 02-04's C_max: 25 nats for a code vector (Burgess et al.),
+        codes = args.latent_dim * (args.image_size // args.downsample) ** 2 if args.latent == "spatial" else 0
+        args.capacity_max = 1.5 * codes if codes else 25.0  # 1.5 for each value of a code map
+    if args.ema >= 1:
+        common.fail(f"--ema is a decay: below 1 (0.99 averages about the last 100 steps), not {args.ema}")
     if args.train == "decoder" and not args.init_from:
         common.fail("--train decoder keeps the encoder of a trained model: name it with --init-from MODEL.pt")
     return args

@@ -43,6 +43,7 @@ def main():
     p.add_argument("out", help="folder to write the crops to (its train/ and test/ must not hold images yet)")
     p.add_argument("--crops", type=int, default=150, help="crops per photo, one in six for test/ (default: 150)")
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    p.add_argument("--photos", nargs="+", choices=PHOTOS, default=PHOTOS, help="which photos (default: all 18)")
     args = p.parse_args()
     if args.crops < 6:
         common.fail("--crops must be at least 6 (one in six is a test crop)")
@@ -58,7 +59,7 @@ def main():
     n_test = args.crops // 6
     for split in ("train", "test"):
         (Path(args.out) / split).mkdir(parents=True, exist_ok=True)
-    for name in PHOTOS:
+    for name in args.photos:
         try:
             photo = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
         except Exception as e:  # a scikit-image version that lacks it, or fetches it from the network
@@ -69,8 +70,8 @@ def main():
             crop = Image.fromarray(photo[top:top + side, left:left + side]).resize((128, 128), Image.LANCZOS)
             crop.save(Path(args.out) / split / f"{name}_{counts[split]:03d}.png")
             counts[split] += 1
-    print(f"{args.out}: train/ {len(PHOTOS) * (args.crops - n_test)} and test/ {len(PHOTOS) * n_test} crops "
-          f"of {len(PHOTOS)} photos")
+    print(f"{args.out}: train/ {len(args.photos) * (args.crops - n_test)} and test/ {len(args.photos) * n_test} crops "
+          f"of {len(args.photos)} photos")
 
 
 if __name__ == "__main__":
