@@ -84,7 +84,7 @@ def test_kl_follows_capacity_and_carries_information(run02):
     assert expected and {e["dim"]: e["step"] for e in summary["switch_on"]} == expected
     assert [e["step"] for e in summary["switch_on"]] == sorted(expected.values())
     for e in summary["switch_on"]:
-        assert e["capacity"] == pytest.approx(min(12.0, 12.0 * e["step"] / 200))
+        assert e["capacity"] == pytest.approx(min(12.0, 12.0 * (e["step"] - 1) / 200))  # C of its row's last step
 
 
 @pytest.mark.slow
