@@ -4,7 +4,7 @@ The encoder maps x to a Gaussian q(z|x) = N(mu, s^2); a draw z goes through the 
 minimises -ELBO(x) = -E_q[log p(x|z)] + KL(q(z|x) || N(0, I)) >= -log p(x), nats per image. Blur: the decoder's fixed
 sigma prices an error at (x - m)^2 / (2 sigma^2) nats; a code vector's default sigma^2 = 1/2 (a plain sum of squared
 errors) is wide against this model's errors, so the decoder averages away what the small code does not hold: it acts
-as beta 33 would with the sigma that fits the errors (summary.json: decoder_std_fit, effective_beta). Posterior
+as beta 32 would with the sigma that fits the errors (summary.json: decoder_std_fit, effective_beta). Posterior
 collapse (Lucas et al. 2019): the KL wins, q(z|x) = N(0, I); the run warns at a KL under 1 nat or at most one dim
 above 0.1 nat. Fix: a smaller --beta, or --free-bits.
 

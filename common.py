@@ -1,5 +1,5 @@
 """What the four chapters share and none of them teaches: data, model blocks (plain and Stable Diffusion's), the KL,
-LPIPS's loading, the exported autoencoder's loader, and the helpers that make a torchrun step one process's step."""
+LPIPS on images, the exported autoencoder's loader, and the helpers that make a torchrun step one process's step."""
 import contextlib
 import datetime
 import functools

@@ -50,6 +50,21 @@ def run_cli(script, *args, timeout=600, env=None):
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def whole_and_resumed(script, flags, steps, stop, out):
+    """`script` run for `steps` steps, and again stopped at `stop` and resumed to `steps` -> the two run folders."""
+    for folder, first in [(out / "whole", steps), (out / "resumed", stop)]:
+        result = run_cli(script, *flags, "--max-steps", first, "--out", folder)
+        assert result.returncode == 0, result.stderr[-2000:]
+    result = run_cli(script, "--resume", out / "resumed" / "checkpoint.pt", "--max-steps", steps)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out / "whole", out / "resumed"
+
+
+def rows_without_speed(folder):
+    """metrics.csv's rows without images_per_s, the one column two runs of the same steps need not share."""
+    return [{k: v for k, v in row.items() if k != "images_per_s"} for row in read_rows(folder / "metrics.csv")]
+
+
 def read_rows(path):
     import csv
     with open(path) as f:

@@ -2,6 +2,8 @@
 shapes and output, the shapes data, batching, the folder loader, and the exported autoencoder's loaders."""
 import argparse
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from torch.distributions import Normal
 from torch.distributions import kl_divergence as torch_kl
 
 import common
-from conftest import assert_clean_error
+from conftest import ROOT, assert_clean_error
 
 
 def forward(model, x):
@@ -247,6 +249,24 @@ def test_folder_is_decoded_once_into_a_mapped_cache_that_a_change_renews(tmp_pat
     assert "decoded once" in capsys.readouterr().out
     assert sorted(changed[:, 1, 0, 0].tolist()) == [0] * 9 + [255]  # the new pixels, in the one changed image
     assert len(list((tmp_path / "photos" / ".decoded").iterdir())) == 1  # the old decoding is gone
+
+
+def test_two_machines_decoding_one_shared_folder_at_once_leave_one_whole_cache(tmp_path):
+    # Each machine's first process decodes a folder it has not seen (under torchrun across machines on a shared disk,
+    # several at once): each writes its own part folder and renames it into place; the loser drops its copy.
+    for i in range(30):
+        write_png(tmp_path / "photos" / f"{i:02d}.png", (8 * i, 100, 0))
+    decode = ("import socket, sys, torch, common; socket.gethostname = lambda: sys.argv[1]; "
+              "train, test = common.load_folder(sys.argv[2], 32); torch.save((train.clone(), test.clone()), sys.argv[3])")
+    machines = [subprocess.Popen([sys.executable, "-c", decode, name, str(tmp_path / "photos"), str(tmp_path / name)],
+                                 cwd=ROOT, stdout=subprocess.DEVNULL) for name in ("node-a", "node-b")]
+    assert [m.wait(timeout=120) for m in machines] == [0, 0]
+    caches = list((tmp_path / "photos" / ".decoded").iterdir())
+    assert len(caches) == 1 and not caches[0].name.endswith(".part")  # one cache, no part folder left
+    train, test = common.load_folder(tmp_path / "photos", 32)
+    for name in ("node-a", "node-b"):
+        a_train, a_test = torch.load(tmp_path / name, weights_only=True)
+        assert torch.equal(a_train, train) and torch.equal(a_test, test)
 
 
 @pytest.mark.parametrize("make", ["missing", "empty"])

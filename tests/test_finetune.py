@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import common
-from conftest import assert_rejected, photo_folder, read_rows, run_cli
+from conftest import assert_rejected, photo_folder, rows_without_speed, run_cli, whole_and_resumed
 
 PHOTOS = ["--dataset", "folder", "--image-size", "32", "--batch-size", "8", "--log-every", "2"]
 
@@ -71,18 +71,11 @@ def test_ema_is_torchs_average_of_the_weights_and_resumes_exactly(source, tmp_pa
             expected = 0.75 * first["ema"]["module." + name] + 0.25 * second["model"][name]  # then decays
             torch.testing.assert_close(second["ema"]["module." + name], expected, rtol=1e-6, atol=1e-7)
     # a run of 6 steps, and one of 4 resumed to 6: the same rows, the same average
-    result = run_cli("01_vanilla_vae", *flags, "--max-steps", "6", "--out", tmp_path / "whole")
-    assert result.returncode == 0, result.stderr[-2000:]
-    result = run_cli("01_vanilla_vae", *flags, "--max-steps", "4", "--out", tmp_path / "legs")
-    assert result.returncode == 0, result.stderr[-2000:]
-    result = run_cli("01_vanilla_vae", "--resume", tmp_path / "legs" / "checkpoint.pt", "--max-steps", "6")
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = [[{k: v for k, v in r.items() if k != "images_per_s"} for r in read_rows(tmp_path / d / "metrics.csv")]
-            for d in ("legs", "whole")]
-    assert rows[0] == rows[1]
-    whole, legs = (torch.load(tmp_path / d / "autoencoder.pt", weights_only=True) for d in ("whole", "legs"))
-    for name, value in whole["state_dict"].items():
-        assert torch.equal(legs["state_dict"][name], value), name
+    whole, resumed = whole_and_resumed("01_vanilla_vae", flags, 6, 4, tmp_path)
+    assert rows_without_speed(resumed) == rows_without_speed(whole)
+    whole, resumed = (torch.load(d / "autoencoder.pt", weights_only=True)["state_dict"] for d in (whole, resumed))
+    for name, value in whole.items():
+        assert torch.equal(resumed[name], value), name
 
 
 def test_a_frozen_encoder_keeps_its_batchnorm_statistics(tmp_path):

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-import common
 from conftest import QUICK, assert_clean_error, photo_folder, run_cli
 from tools import lpips_weights
 

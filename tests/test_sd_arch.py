@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import common
-from conftest import assert_rejected, load_script, photo_folder, read_rows, run_cli
+from conftest import assert_rejected, load_script, photo_folder, rows_without_speed, run_cli, whole_and_resumed
 
 
 def count(module):
@@ -81,15 +81,8 @@ def test_every_chapter_trains_sd_blocks_and_exports_them(photos, tmp_path, scrip
 @pytest.mark.slow
 def test_04_with_sd_blocks_resumes_exactly(photos, tmp_path):
     flags = [*SD, "--data-dir", photos, "--lpips-random-backbone", "--disc-start", "2"]
-    result = run_cli("04_vae_gan_warmup", *flags, "--max-steps", "6", "--out", tmp_path / "whole")
-    assert result.returncode == 0, result.stderr[-2000:]
-    result = run_cli("04_vae_gan_warmup", *flags, "--max-steps", "4", "--out", tmp_path / "legs")
-    assert result.returncode == 0, result.stderr[-2000:]
-    result = run_cli("04_vae_gan_warmup", "--resume", tmp_path / "legs" / "checkpoint.pt", "--max-steps", "6")
-    assert result.returncode == 0, result.stderr[-2000:]
-    def strip(rows):
-        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]
-    assert strip(read_rows(tmp_path / "legs" / "metrics.csv")) == strip(read_rows(tmp_path / "whole" / "metrics.csv"))
-    whole, legs = (json.loads((tmp_path / f / "summary.json").read_text()) for f in ("whole", "legs"))
+    whole, resumed = whole_and_resumed("04_vae_gan_warmup", flags, 6, 4, tmp_path)
+    assert rows_without_speed(resumed) == rows_without_speed(whole)
+    whole, legs = (json.loads((f / "summary.json").read_text()) for f in (whole, resumed))
     for key in ["test_psnr_db", "test_kl", "test_lpips", "parameters"]:
         assert legs[key] == pytest.approx(whole[key], rel=1e-6), key

@@ -1,5 +1,5 @@
-"""Helper programs a user may run (python -m tools.NAME --help), and the measures and pictures every chapter makes
-at its end (tools.evaluate, tools.pictures)."""
+"""Helper programs a user may run (python -m tools.NAME --help), and what every chapter takes from here: the flags
+they share (tools.flags), the measures (tools.evaluate) and the pictures (tools.pictures) of a run's end."""
 import argparse
 import importlib.util
 import json

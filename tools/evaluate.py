@@ -3,7 +3,8 @@
     python -m tools.evaluate runs/03_lpips_frozen/shapes-<time>            # a run folder, on its own data
     python -m tools.evaluate sd.pt --dataset folder --data-dir my_photos   # any autoencoder.pt, on any data
 
-It writes evaluation.json (beside the model, or --out) with summary.json's names. On the first N test images:
+It writes evaluation.json (beside the model, or --out) with summary.json's names, on the first --eval-images test
+images (a chapter: as many as its run sizes):
 - test_psnr_db: 10 log10(1 / MSE), images in [0, 1]; higher is closer, and a blur scores well.
 - test_ssim: SSIM (Wang et al. 2004): local means, variances and covariance in an 11 x 11 Gaussian window (sigma
   1.5) of each channel, images in [0, 1], averaged over the window positions inside the image, then over images.
@@ -13,8 +14,8 @@ It writes evaluation.json (beside the model, or --out) with summary.json's names
   8 x 8 pixel patch a sample: are the reconstructions' textures distributed like the originals'? 0 is theirs.
 - spectrum_error, hf_power_ratio: the reconstructions' Fourier power spectrum against the originals'.
 - test_kl, kl_per_dim, active_units, and the KL split test_kl_offset + test_kl_scale + test_info_bound (kl_split).
-- latent_scale_factor: 1 / std of mu over the training images (Stable Diffusion's constant 0.18215 is this number
-  for its autoencoder): codes times it have unit std, as a diffusion model wants them.
+- latent_scale_factor: 1 / std of mu over (as many) training images: codes times it have unit std, as a diffusion
+  model wants them (Stable Diffusion's config sets a constant, 0.18215, for the same purpose).
 LPIPS-VGG and FD-VGG need VGG's ImageNet weights (python -m tools.lpips_weights); without them they are left out.
 """
 import argparse

@@ -124,8 +124,8 @@ def main():
         rows.append(recon)
         name = args.labels[i] if args.labels else LABELS.get(script, script)
         shown = [k for k in ("LPIPS-alex", "LPIPS-VGG", "FD-VGG") if k in found]
-        labels.append("\n".join([name, f"PSNR {found['PSNR']:.1f} dB"] + [f"{k} {found[k]:.3f}" for k in shown] +
-                                 [f"spectrum {found['spectrum']:.2f}"]))
+        values = [f"{k} {found[k]:.0f}" if k == "FD-VGG" else f"{k} {found[k]:.3f}" for k in shown]
+        labels.append("\n".join([name, f"PSNR {found['PSNR']:.1f} dB", *values, f"spectrum {found['spectrum']:.2f}"]))
         print(f"{folder}: {script}  PSNR {found['PSNR']:.2f} dB  " + "".join(f"{k} {found[k]:.4f}  " for k in shown) +
               f"spectrum error {found['spectrum']:.3f}  KL {kl:.0f} nats")
     size = test.shape[-1]
