@@ -245,6 +245,8 @@ def main(argv=None):
     metrics = evaluate.measures(final, test[:n], evaluate.sample(train, n), device, decoder_std=args.decoder_std,
                                 dataset=args.dataset, amp=args.amp, seed=args.seed,
                                 recon_loss=lambda raw, x: recon_loss(raw, x, final, args.decoder_std))
+    if args.train == "decoder":  # the loaded encoder's codes, so the scale a diffusion model trained on them expects
+        metrics["latent_scale_factor"] = common.load_autoencoder(args.init_from).latent_scale_factor
     speeds = [r["images_per_s"] for r in rows[1:] or rows]  # the first row holds one-off set-up
     summary = {"script": SCRIPT, "dataset": args.dataset, "image_size": args.image_size, "latent_dim": args.latent_dim,
                "device": str(device), "steps": total_steps, "epochs": total_steps / batches.steps_per_epoch,

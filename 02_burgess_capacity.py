@@ -2,11 +2,11 @@
 
 01's beta and sigma set the price of a nat, not how many the code holds. Burgess et al. (2018) pin the KL to a
 target C:  loss = recon + gamma * |KL - C|,  C rising linearly from 0 to C_max, then held. gamma is large, so the
-KL follows C, and while C is small its few nats go where they help most: dims switch on (KL > 0.5 nats) one by
-one. The KL pays for one shift of every code (offset), codes spread wider or narrower than N(0, 1) (scale), and
-information (info_bound bounds it; tools/evaluate.py's kl_split). C is bought by the cheapest route, so a code
-vector's mu is centred: mu = W BatchNorm(h), with no bias after it, has a batch mean of 0, so no offset. The scale
-route stays open, and the split shows what it takes. 02 replaces 01's beta schedules and free bits.
+KL follows C, and while C is small its few nats go where they help most: dims switch on (KL > 0.5 nats) one or
+two at a time. The KL pays for one shift of every code (offset), codes spread wider or narrower than N(0, 1)
+(scale), and information (info_bound bounds it; tools/evaluate.py's kl_split). C is bought by the cheapest route, so
+a code vector's mu is centred: mu = W BatchNorm(h), with no bias after it, has a batch mean of 0, so no offset. The
+scale route stays open, and the split shows what it takes. 02 replaces 01's beta schedules and free bits.
 
 Run:   python 02_burgess_capacity.py                  # shapes, 64 px, C: 0 -> 25 nats over 2,000 steps
        python 02_burgess_capacity.py --no-centring    # C bought by a shift of every code
@@ -240,6 +240,8 @@ def main(argv=None):
     metrics = evaluate.measures(final, test[:n], evaluate.sample(train, n), device, decoder_std=args.decoder_std,
                                 dataset=args.dataset, amp=args.amp, seed=args.seed,
                                 recon_loss=lambda raw, x: recon_loss(raw, x, final, args.decoder_std))
+    if args.train == "decoder":  # the loaded encoder's codes, so the scale a diffusion model trained on them expects
+        metrics["latent_scale_factor"] = common.load_autoencoder(args.init_from).latent_scale_factor
     speeds = [r["images_per_s"] for r in rows[1:] or rows]  # the first row holds one-off set-up
     summary = {"script": SCRIPT, "dataset": args.dataset, "image_size": args.image_size, "latent_dim": args.latent_dim,
                "device": str(device), "steps": total_steps, "epochs": total_steps / batches.steps_per_epoch,

@@ -401,6 +401,8 @@ def main(argv=None):
     metrics = evaluate.measures(final, test[:n], evaluate.sample(train, n), device, decoder_std=args.decoder_std,
                                 dataset=args.dataset, amp=args.amp, seed=args.seed,
                                 perceptual=perceptual, vgg=lpips_vgg, vgg_images=min(1000, max(32, images_seen // 40)))
+    if args.train == "decoder":  # the loaded encoder's codes, so the scale a diffusion model trained on them expects
+        metrics["latent_scale_factor"] = common.load_autoencoder(args.init_from).latent_scale_factor
     negative = [int(s) for s in first_negative if s > 0]
     incident = min(negative) if negative else None  # the first step of the LPIPS incident
     speeds = [r["images_per_s"] for r in rows[1:] or rows]  # the first row holds one-off set-up

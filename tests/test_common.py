@@ -257,7 +257,8 @@ def test_two_machines_decoding_one_shared_folder_at_once_leave_one_whole_cache(t
     for i in range(30):
         write_png(tmp_path / "photos" / f"{i:02d}.png", (8 * i, 100, 0))
     decode = ("import socket, sys, torch, common; socket.gethostname = lambda: sys.argv[1]; "
-              "train, test = common.load_folder(sys.argv[2], 32); torch.save((train.clone(), test.clone()), sys.argv[3])")
+              "train, test = common.load_folder(sys.argv[2], 32); "
+              "torch.save((train.clone(), test.clone()), sys.argv[3])")
     machines = [subprocess.Popen([sys.executable, "-c", decode, name, str(tmp_path / "photos"), str(tmp_path / name)],
                                  cwd=ROOT, stdout=subprocess.DEVNULL) for name in ("node-a", "node-b")]
     assert [m.wait(timeout=120) for m in machines] == [0, 0]

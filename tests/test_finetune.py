@@ -1,6 +1,6 @@
 """Fine-tuning a trained autoencoder: --init-from starts a new run from its weights, --train decoder keeps its codes
-bit for bit, --ema averages the weights as torch's AveragedModel does (checkpointed, resumed exactly, evaluated and
-exported), and tools.evaluate scores any autoencoder.pt as the chapters score their own."""
+bit for bit and their scale, --ema averages the weights as torch's AveragedModel does (checkpointed, resumed exactly,
+evaluated and exported), and tools.evaluate scores any autoencoder.pt as the chapters score their own."""
 import json
 
 import pytest
@@ -34,8 +34,11 @@ def codes(model_file, data):
 @pytest.mark.slow
 def test_the_decoder_alone_learns_and_the_codes_stay_the_same(source, tmp_path):
     data, out = source
+    imported = torch.load(out / "autoencoder.pt", weights_only=True)
+    imported["latent_scale_factor"] = 0.18215  # as tools.sd_vae import gives Stable Diffusion's model
+    torch.save(imported, tmp_path / "imported.pt")
     result = run_cli("04_vae_gan_warmup", *PHOTOS, "--data-dir", data, "--arch", "sd", "--init-from",
-                     out / "autoencoder.pt", "--train", "decoder", "--ema", "0.9", "--disc-start", "2",
+                     tmp_path / "imported.pt", "--train", "decoder", "--ema", "0.9", "--disc-start", "2",
                      "--lpips-random-backbone", "--max-steps", "6", "--out", tmp_path / "tuned")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--train decoder: the KL trains nothing" in result.stdout
@@ -51,7 +54,11 @@ def test_the_decoder_alone_learns_and_the_codes_stay_the_same(source, tmp_path):
     assert trained == len([n for n in before if n.startswith("decoder.")])  # the optimizer holds the decoder alone
     for name, value in after.items():  # autoencoder.pt holds the moving average, not the last weights
         assert torch.equal(checkpoint["ema"]["module." + name], value), name
-    assert json.loads((tmp_path / "tuned" / "summary.json").read_text())["steps"] == 6
+    summary = json.loads((tmp_path / "tuned" / "summary.json").read_text())
+    assert summary["steps"] == 6
+    # the codes are the imported ones, so is their scale: a diffusion model trained on its latents still fits
+    assert summary["latent_scale_factor"] == 0.18215
+    assert common.load_autoencoder(tmp_path / "tuned" / "autoencoder.pt").latent_scale_factor == 0.18215
 
 
 @pytest.mark.slow
