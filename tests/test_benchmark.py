@@ -32,3 +32,16 @@ def test_conventional_dataset_gives_our_pixels():
         assert torch.equal(data[i], images[i].float() / 255)
     rgb = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     assert torch.equal(benchmark.ToTensorImages(rgb)[1], rgb[1].float() / 255)
+
+
+@pytest.mark.parametrize("argv", [["04_vae_gan_warmup", "--steps", "30", "--", "--disc-start", "0"],
+                                  ["04_vae_gan_warmup", "--", "--disc-start", "0", "--steps", "9"]])
+def test_the_chapters_flags_are_those_after_the_double_dash(argv):
+    args = benchmark.parse(argv)
+    assert args.chapter == "04_vae_gan_warmup"
+    assert args.flags == argv[argv.index("--") + 1:]
+    assert args.steps == (30 if argv[1] == "--steps" else 200)
+
+
+def test_benchmark_without_double_dash_takes_no_chapter_flags():
+    assert benchmark.parse(["01_vanilla_vae", "--conventional"]).flags == []

@@ -21,6 +21,7 @@ import argparse
 import cProfile
 import csv
 import pstats
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -140,8 +141,10 @@ def sd_blocks_against_diffusers(images, width, downsample, batch_size, steps, am
     return speeds
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse(argv):
+    """The tool's flags, and the chapter's after -- (wherever the tool's own flags stand before it)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage="python -m tools.benchmark CHAPTER [options] [-- the chapter's flags]")
     p.add_argument("chapter", choices=["01_vanilla_vae", "02_burgess_capacity", "03_lpips_frozen", "04_vae_gan_warmup"])
     p.add_argument("--steps", type=int, default=200, help="optimizer steps profiled (default: 200)")
     p.add_argument("--conventional", action="store_true", help="also 01's model fed by a DataLoader (default: off)")
@@ -149,8 +152,14 @@ def main():
                    help="also our --arch sd against diffusers' AutoencoderKL, on this image folder, with the chapter's "
                         "--width, --downsample, --image-size, --batch-size and --amp (pip install diffusers) "
                         "(default: off)")
-    p.add_argument("flags", nargs="*", help="the chapter's flags, after -- (default: none)")
-    args = p.parse_args()
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = p.parse_args(argv[:split])
+    args.flags = argv[split + 1:]
+    return args
+
+
+def main():
+    args = parse(sys.argv[1:])
     if args.steps < 20:
         common.fail("--steps must be at least 20: the first of its ten rows holds one-off set-up")
     with tempfile.TemporaryDirectory() as folder:
