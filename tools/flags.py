@@ -26,7 +26,8 @@ def parser(script, doc, steps):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=common.DATASETS, default="shapes", help="(default: shapes, drawn by code)")
     p.add_argument("--data-dir", help="where data sets live; for folder, the image folder (default: data)")
-    p.add_argument("--image-size", type=int, choices=[16, 32, 64, 128, 256], help="(default: 64; mnist, cifar10: 32)")
+    p.add_argument("--image-size", type=int, choices=[16, 32, 64, 128, 256],
+                   help="(default: 64; mnist, fashion-mnist, cifar10: 32)")
     p.add_argument("--latent", choices=["vector", "spatial"],
                    help="one code per image, or a map of codes (default: a map for photos and --arch sd)")
     p.add_argument("--latent-dim", type=at_least(1), help="a vector's dims, a map's channels (default: 10, 64, 4)")
