@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import common
-from conftest import ROOT, assert_clean_error, assert_rejected, load_script, photo_folder, read_rows, run_cli
+from conftest import ROOT, assert_clean_error, assert_rejected, load_script, photo_folder, rows_without_speed, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +44,7 @@ def test_resume_from_the_memory_mapped_folder_matches_the_uninterrupted_run(phot
     resumed, expected = (json.loads((d / "summary.json").read_text()) for d in (out, reference))
     for key in ["test_recon", "test_kl", "test_mse", "spectrum_error", "latent_scale_factor", "steps"]:
         assert resumed[key] == pytest.approx(expected[key], rel=1e-6), key
-    def drop(rows):
-        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]
-    assert drop(read_rows(out / "metrics.csv")) == drop(read_rows(reference / "metrics.csv"))
+    assert rows_without_speed(out) == rows_without_speed(reference)
 
 
 def test_autoencoder_pt_holds_the_model_alone(photo_run):
